@@ -1,0 +1,204 @@
+"""Per-instance log buffers and the registry that bounds how many instances are held.
+
+An instance is a source address. Each holds a ring buffer of its latest complete log lines,
+bounded in lines and bytes, with what it knows of the instance. Pure code: time is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from tempesta_ts.netconsole import Decoder, LogLine
+
+
+@dataclass(frozen=True, slots=True)
+class SystemInfo:
+    """A document an instance sent over TCP, such as the System Verification Script's."""
+
+    received_at: float
+    text: str
+    #: "json" when the text parses as JSON, else "text".
+    format: str
+    peer: str = ""
+
+    @property
+    def size(self) -> int:
+        """Length of the text in characters."""
+        return len(self.text)
+
+
+class LogBuffer:
+    """A ring of log lines bounded by count and by bytes of text; counts what it pushed out."""
+
+    __slots__ = ("max_lines", "max_bytes", "lines", "bytes", "dropped")
+
+    def __init__(self, max_lines: int, max_bytes: int) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.lines: deque[LogLine] = deque()
+        self.bytes = 0
+        #: Lines pushed out by the bounds since the instance was first seen.
+        self.dropped = 0
+
+    def extend(self, lines: Sequence[LogLine]) -> int:
+        """Append lines, oldest first; return how many older lines were pushed out."""
+        buf = self.lines
+        for line in lines:
+            buf.append(line)
+            self.bytes += len(line.text)
+        pushed = 0
+        # The newest line always stays, even when it alone is over max_bytes.
+        while len(buf) > self.max_lines or (self.bytes > self.max_bytes and len(buf) > 1):
+            self.bytes -= len(buf.popleft().text)
+            pushed += 1
+        self.dropped += pushed
+        return pushed
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __iter__(self) -> Iterator[LogLine]:
+        return iter(self.lines)
+
+
+class Instance:
+    """One Tempesta FW server, known by its source address."""
+
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info")
+
+    def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
+        self.address = address
+        self.first_seen = now
+        self.last_seen = now
+        self.buffer = buffer
+        self.decoder = decoder
+        self.system_info: SystemInfo | None = None
+
+    @property
+    def kernel_release(self) -> str | None:
+        """The kernel release, from netconsole's release prepend or sysdata, when sent."""
+        return self.decoder.release
+
+    @property
+    def lost_messages(self) -> int:
+        """Messages lost in sequence gaps (extended format only)."""
+        return self.decoder.lost_messages
+
+
+#: Called with the instance and the lines just appended to its buffer.
+LinesObserver = Callable[[Instance, Sequence[LogLine]], None]
+
+
+class BufferRegistry:
+    """All instances, bounded by max_instances, least recently active dropped first."""
+
+    def __init__(
+        self,
+        max_instances: int,
+        buffer_max_lines: int,
+        buffer_max_bytes: int,
+        stats: Counter | None = None,
+    ) -> None:
+        self.max_instances = max_instances
+        self.buffer_max_lines = buffer_max_lines
+        self.buffer_max_bytes = buffer_max_bytes
+        self.stats = stats if stats is not None else Counter()
+        self._instances: OrderedDict[str, Instance] = OrderedDict()
+        #: Instances whose decoder waits for time (partial line, fragments).
+        self._waiting: set[str] = set()
+        self.observers: list[LinesObserver] = []
+        self.evicted: list[Callable[[Instance], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._instances.values()))
+
+    def get(self, address: str) -> Instance | None:
+        """The instance at an address, if held."""
+        return self._instances.get(address)
+
+    def touch(self, address: str, now: float) -> Instance:
+        """The instance at an address, created if new, marked as the most recently active."""
+        instance = self._instances.get(address)
+        if instance is None:
+            instance = Instance(
+                address,
+                now,
+                LogBuffer(self.buffer_max_lines, self.buffer_max_bytes),
+                Decoder(self.stats),
+            )
+            self._instances[address] = instance
+            self.stats["instances_created"] += 1
+            while len(self._instances) > self.max_instances:
+                _, oldest = self._instances.popitem(last=False)
+                self._evict(oldest)
+        else:
+            self._instances.move_to_end(address)
+        instance.last_seen = now
+        return instance
+
+    def receive_datagram(self, address: str, data: bytes, now: float) -> list[LogLine]:
+        """Decode a netconsole datagram from an instance into its buffer; return its lines."""
+        instance = self.touch(address, now)
+        lines = instance.decoder.feed(data, now)
+        if instance.decoder.has_pending:
+            self._waiting.add(address)
+        if lines:
+            self._append(instance, lines)
+        return lines
+
+    def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
+        """Keep a document as the instance's latest system information."""
+        instance = self.touch(address, info.received_at)
+        instance.system_info = info
+        return instance
+
+    def expire(self, now: float) -> int:
+        """Complete what waited long enough (partial lines, fragments); return lines added."""
+        added = 0
+        for address in list(self._waiting):
+            instance = self._instances.get(address)
+            if instance is None:
+                self._waiting.discard(address)
+                continue
+            lines = instance.decoder.expire(now)
+            if not instance.decoder.has_pending:
+                self._waiting.discard(address)
+            if lines:
+                self._append(instance, lines)
+                added += len(lines)
+        return added
+
+    def flush(self, now: float) -> int:
+        """Complete everything still waiting, as it is; return lines added."""
+        added = 0
+        for address in list(self._waiting):
+            instance = self._instances.get(address)
+            if instance is not None:
+                lines = instance.decoder.flush(now)
+                if lines:
+                    self._append(instance, lines)
+                    added += len(lines)
+        self._waiting.clear()
+        return added
+
+    def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
+        self.stats["lines"] += len(lines)
+        self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
+        for observer in self.observers:
+            observer(instance, lines)
+
+    def _evict(self, instance: Instance) -> None:
+        self._waiting.discard(instance.address)
+        self.stats["instances_evicted"] += 1
+        for callback in self.evicted:
+            callback(instance)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of log text held across all instances."""
+        return sum(i.buffer.bytes for i in self._instances.values())

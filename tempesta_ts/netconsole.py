@@ -1,0 +1,368 @@
+"""Netconsole's wire format: plain and extended datagrams, fragment reassembly, sequence gaps.
+
+Linux netconsole (Documentation/networking/netconsole.rst) sends the kernel log over UDP in one
+of two formats, recognised here per datagram:
+
+- plain: console text, one or more lines; a line may be cut across datagrams;
+- extended (``netconsole=+...``): ``[<release>,]<level>,<seq>,<usec>,<flags>[,k=v...];<text>\\n``
+  then dictionary lines `` KEY=VALUE\\n``; messages over about 1000 bytes come in fragments
+  that carry ``ncfrag=<offset>/<total>`` in the header.
+
+A `Decoder` holds one instance's state and turns datagrams into complete `LogLine`s. Pure code:
+time is passed in, nothing here schedules anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+
+#: A partial plain line is flushed after this much quiet from its instance.
+PARTIAL_LINE_SECONDS = 1.0
+#: A fragmented message whose fragments have not all come by then is kept incomplete.
+FRAGMENT_SECONDS = 5.0
+#: Messages being reassembled at once per instance; the oldest is flushed past it.
+MAX_PENDING_MESSAGES = 16
+#: Largest message body a fragment header may announce (the kernel's are ~1 KiB + userdata).
+MAX_MESSAGE_BYTES = 64 * 1024
+#: A plain line longer than this without a newline is cut (the kernel's are under 1 KiB).
+MAX_LINE_BYTES = 16 * 1024
+#: How many recent sequence numbers are remembered to drop duplicates and fill late gaps.
+SEQ_WINDOW = 1024
+#: How far below the highest sequence number a message may arrive and still be a late one.
+REORDER_WINDOW = 64
+
+_PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
+_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+_INCOMPLETE_GAP = " [...] "
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One complete kernel log line, with what the format told about it."""
+
+    received_at: float
+    text: str
+    level: int | None = None
+    seq: int | None = None
+    kernel_time_us: int | None = None
+    #: The message's dictionary (``SUBSYSTEM=``, userdata, sysdata such as ``cpu=``).
+    fields: tuple[tuple[str, str], ...] = ()
+    #: True when some fragments of the message never arrived.
+    incomplete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedHeader:
+    """The header of an extended-format datagram."""
+
+    level: int
+    seq: int
+    time_us: int
+    release: str | None = None
+    frag_offset: int | None = None
+    frag_total: int | None = None
+
+
+class Malformed(ValueError):
+    """A datagram claims the extended format but breaks its rules."""
+
+
+def parse_extended_header(data: bytes) -> tuple[ExtendedHeader, bytes] | None:
+    """Split an extended datagram into header and body; None when it is not extended format.
+
+    Raises Malformed for a header that is extended format but impossible (a bad fragment).
+    """
+    end = data.find(b";", 0, 256)
+    if end < 7:
+        return None
+    parts = data[:end].split(b",")
+    release = None
+    if parts[0] and not parts[0].isdigit():
+        release = parts[0].decode("ascii", "backslashreplace")
+        parts = parts[1:]
+    if len(parts) < 4:
+        return None
+    level, seq, usec, flags = parts[:4]
+    if not (level.isdigit() and seq.isdigit() and usec.isdigit()) or len(flags) > 1:
+        return None
+    frag_offset = frag_total = None
+    for extra in parts[4:]:
+        if extra.startswith(b"ncfrag="):
+            offset, _, total = extra[7:].partition(b"/")
+            if not (offset.isdigit() and total.isdigit()):
+                raise Malformed(f"bad fragment header {extra!r}")
+            frag_offset, frag_total = int(offset), int(total)
+            if frag_total == 0 or frag_total > MAX_MESSAGE_BYTES:
+                raise Malformed(f"fragment total {frag_total} out of range")
+            if frag_offset + len(data) - end - 1 > frag_total:
+                raise Malformed(f"fragment {frag_offset}/{frag_total} overruns its message")
+    header = ExtendedHeader(int(level), int(seq), int(usec), release, frag_offset, frag_total)
+    return header, data[end + 1 :]
+
+
+def decode_text(raw: bytes) -> str:
+    """Bytes to text; bytes that are not UTF-8 stay visible as ``\\xNN``."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _unescape(raw: bytes) -> bytes:
+    # The kernel writes control bytes, bytes >= 0x7f and the backslash itself as \xNN.
+    if b"\\" not in raw:
+        return raw
+    return _ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), raw)
+
+
+def parse_extended_body(body: bytes) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+    """The message's lines and its dictionary from an extended body."""
+    text, _, rest = body.partition(b"\n")
+    lines = decode_text(_unescape(text)).split("\n")
+    fields = []
+    for entry in rest.split(b"\n"):
+        if entry.startswith(b" "):
+            key, _, value = entry[1:].partition(b"=")
+            fields.append((decode_text(key), decode_text(_unescape(value))))
+    return lines, tuple(fields)
+
+
+def parse_plain_line(raw: bytes, received_at: float) -> LogLine:
+    """A plain console line, its ``<level>`` and ``[seconds]`` prefixes taken into fields."""
+    m = _PLAIN_PREFIX.match(raw)
+    level = time_us = None
+    if m.end():
+        if m.group(1) is not None:
+            level = int(m.group(1)) & 7
+        if m.group(2) is not None:
+            time_us = int(m.group(2)) * 1_000_000 + int(m.group(3))
+        raw = raw[m.end() :]
+    return LogLine(received_at, decode_text(raw), level=level, kernel_time_us=time_us)
+
+
+class SequenceTracker:
+    """Counts messages lost in sequence gaps, drops duplicates, sees a reboot as a restart."""
+
+    def __init__(self) -> None:
+        self.highest: int | None = None
+        self.lost = 0
+        self._seen: deque[int] = deque(maxlen=SEQ_WINDOW)
+        self._seen_set: set[int] = set()
+        self._missing: set[int] = set()
+
+    def accept(self, seq: int) -> bool:
+        """Whether a message with this sequence number is new; updates the loss count."""
+        highest = self.highest
+        if highest is None or seq == highest + 1:
+            pass
+        elif seq == 0 and (highest > REORDER_WINDOW or 0 in self._seen_set):
+            # The kernel numbers from 0 at boot: the instance rebooted, nothing was lost.
+            self._restart()
+        elif seq in self._seen_set:
+            return False
+        elif seq > highest:
+            gap = seq - highest - 1
+            self.lost += gap
+            if gap <= SEQ_WINDOW:
+                self._missing.update(range(highest + 1, seq))
+        elif seq in self._missing:
+            # A late arrival (a slow fragment): it was counted lost, it is not.
+            self._missing.discard(seq)
+            self.lost -= 1
+            self._remember(seq)
+            return True
+        elif highest - seq <= REORDER_WINDOW:
+            # Overtaken before any gap was seen (the first datagrams of a stream).
+            self._remember(seq)
+            return True
+        else:
+            # Far below anything expected and never seen: the numbering restarted (netconsole
+            # attached after the kernel's ring wrapped, so the replay does not start at 0).
+            self._restart()
+        self.highest = seq
+        self._remember(seq)
+        if len(self._missing) > SEQ_WINDOW:
+            self._missing = {s for s in self._missing if s > seq - SEQ_WINDOW}
+        return True
+
+    def _restart(self) -> None:
+        self._seen.clear()
+        self._seen_set.clear()
+        self._missing.clear()
+
+    def _remember(self, seq: int) -> None:
+        if len(self._seen) == SEQ_WINDOW:
+            self._seen_set.discard(self._seen[0])
+        self._seen.append(seq)
+        self._seen_set.add(seq)
+
+
+class _Reassembly:
+    """The fragments of one extended message received so far."""
+
+    __slots__ = ("header", "total", "chunks", "received", "started")
+
+    def __init__(self, header: ExtendedHeader, started: float) -> None:
+        self.header = header
+        self.total = header.frag_total
+        self.chunks: dict[int, bytes] = {}
+        self.received = 0
+        self.started = started
+
+    def add(self, offset: int, chunk: bytes) -> bool:
+        """Store a fragment; True once the message is whole."""
+        if offset not in self.chunks:
+            self.chunks[offset] = chunk
+            self.received += len(chunk)
+        return self.received >= self.total and self._contiguous()
+
+    def _contiguous(self) -> bool:
+        end = 0
+        for offset in sorted(self.chunks):
+            if offset != end:
+                return False
+            end += len(self.chunks[offset])
+        return end == self.total
+
+    def body(self) -> tuple[bytes, bool]:
+        """The message body and whether it is complete; gaps are marked in the text."""
+        if self._contiguous():
+            return b"".join(self.chunks[o] for o in sorted(self.chunks)), True
+        pieces, end = [], 0
+        for offset in sorted(self.chunks):
+            if offset > end:
+                pieces.append(_INCOMPLETE_GAP.encode())
+            pieces.append(self.chunks[offset])
+            end = max(end, offset + len(self.chunks[offset]))
+        if end < self.total:
+            pieces.append(_INCOMPLETE_GAP.encode().rstrip())
+        return b"".join(pieces), False
+
+
+class Decoder:
+    """One instance's netconsole stream: datagrams in, complete log lines out."""
+
+    def __init__(self, stats: Counter | None = None) -> None:
+        self.stats = stats if stats is not None else Counter()
+        self.release: str | None = None
+        self.sequence = SequenceTracker()
+        self._partial = b""
+        self._partial_at = 0.0
+        self._pending: OrderedDict[int, _Reassembly] = OrderedDict()
+
+    @property
+    def lost_messages(self) -> int:
+        """Messages the kernel numbered that never arrived."""
+        return self.sequence.lost
+
+    @property
+    def has_pending(self) -> bool:
+        """True while a partial line or an unfinished fragmented message waits for time."""
+        return bool(self._partial or self._pending)
+
+    def feed(self, data: bytes, now: float) -> list[LogLine]:
+        """Decode one datagram; return the lines it completes."""
+        try:
+            parsed = parse_extended_header(data)
+        except Malformed:
+            self.stats["malformed_datagrams"] += 1
+            return []
+        if parsed is None:
+            return self._feed_plain(data, now)
+        out = self._flush_partial(now) if self._partial else []
+        header, body = parsed
+        if header.release is not None:
+            self.release = header.release
+        if header.frag_total is None:
+            out.extend(self._message(header, body, now, complete=True))
+        else:
+            out.extend(self._fragment(header, body, now))
+        return out
+
+    def expire(self, now: float) -> list[LogLine]:
+        """Lines whose wait is over: a partial line after quiet, fragments past their time."""
+        out = []
+        if self._partial and now - self._partial_at >= PARTIAL_LINE_SECONDS:
+            out.extend(self._flush_partial(now))
+        while self._pending:
+            seq, reassembly = next(iter(self._pending.items()))
+            if now - reassembly.started < FRAGMENT_SECONDS:
+                break
+            del self._pending[seq]
+            out.extend(self._give_up(reassembly, now))
+        return out
+
+    def flush(self, now: float) -> list[LogLine]:
+        """Everything still waiting, as it is (at shutdown or eviction)."""
+        out = self._flush_partial(now) if self._partial else []
+        while self._pending:
+            _, reassembly = self._pending.popitem(last=False)
+            out.extend(self._give_up(reassembly, now))
+        return out
+
+    def _feed_plain(self, data: bytes, now: float) -> list[LogLine]:
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        *complete, rest = data.split(b"\n")
+        out = [parse_plain_line(raw.rstrip(b"\r"), now) for raw in complete if raw.strip()]
+        if rest:
+            if len(rest) > MAX_LINE_BYTES:
+                self.stats["lines_cut"] += 1
+                out.append(parse_plain_line(rest, now))
+            else:
+                self._partial = rest
+                self._partial_at = now
+        return out
+
+    def _flush_partial(self, now: float) -> list[LogLine]:
+        raw, self._partial = self._partial, b""
+        return [parse_plain_line(raw, now)] if raw.strip() else []
+
+    def _fragment(self, header: ExtendedHeader, chunk: bytes, now: float) -> list[LogLine]:
+        self.stats["fragments_received"] += 1
+        out = []
+        reassembly = self._pending.get(header.seq)
+        if reassembly is None or reassembly.total != header.frag_total:
+            if reassembly is not None:
+                del self._pending[header.seq]
+                out.extend(self._give_up(reassembly, now))
+            if len(self._pending) >= MAX_PENDING_MESSAGES:
+                _, oldest = self._pending.popitem(last=False)
+                out.extend(self._give_up(oldest, now))
+            reassembly = self._pending[header.seq] = _Reassembly(header, now)
+        if reassembly.add(header.frag_offset, chunk):
+            del self._pending[header.seq]
+            body, _ = reassembly.body()
+            out.extend(self._message(reassembly.header, body, now, complete=True))
+        return out
+
+    def _give_up(self, reassembly: _Reassembly, now: float) -> list[LogLine]:
+        body, complete = reassembly.body()
+        if not complete:
+            self.stats["fragments_expired"] += 1
+        return self._message(reassembly.header, body, now, complete=complete)
+
+    def _message(
+        self, header: ExtendedHeader, body: bytes, now: float, complete: bool
+    ) -> list[LogLine]:
+        if not self.sequence.accept(header.seq):
+            self.stats["duplicate_messages"] += 1
+            return []
+        texts, fields = parse_extended_body(body)
+        for key, value in fields:
+            if key == "release" and value:
+                self.release = value
+        level = header.level & 7
+        return [
+            LogLine(
+                now,
+                text,
+                level=level,
+                seq=header.seq,
+                kernel_time_us=header.time_us,
+                fields=fields,
+                incomplete=not complete,
+            )
+            for text in texts
+            if text or len(texts) == 1
+        ]

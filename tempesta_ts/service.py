@@ -1,0 +1,221 @@
+"""Assembly: the buffer registry, the UDP and TCP listeners, in one MultiService."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import Counter
+from typing import Sequence
+
+from twisted.application import service
+from twisted.internet import task
+from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
+
+from tempesta_ts import __version__
+from tempesta_ts.access import SourceFilter
+from tempesta_ts.buffers import BufferRegistry, Instance
+from tempesta_ts.config import Config
+from tempesta_ts.log import get_logger
+from tempesta_ts.netconsole import LogLine
+from tempesta_ts.sysinfo import SystemInfoFactory
+from tempesta_ts.throttle import Throttle
+from tempesta_ts.udp import NetconsoleProtocol
+
+#: How often waiting partial lines and fragments are looked at.
+EXPIRE_INTERVAL = 0.25
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do, in one line."""
+
+
+class RegistryService(service.Service):
+    """Owns the buffer registry and the timer that completes partial lines and fragments."""
+
+    log = get_logger(__name__)
+
+    def __init__(self, registry: BufferRegistry, clock) -> None:
+        self.registry = registry
+        self.clock = clock
+        self._loop = task.LoopingCall(self._expire)
+        self._loop.clock = clock
+        self._throttle = Throttle(60.0)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(EXPIRE_INTERVAL, now=False)
+
+    def stopService(self):
+        if self._loop.running:
+            self._loop.stop()
+        # What waits for more (a partial line, an unfinished message) is kept as it is.
+        self.registry.flush(self.clock.seconds())
+        return super().stopService()
+
+    def _expire(self) -> None:
+        try:
+            self.registry.expire(self.clock.seconds())
+        except Exception:
+            self.registry.stats["timer_errors"] += 1
+            held = self._throttle.hit("expire", self.clock.seconds())
+            if held is not None:
+                self.log.failure("Failed to expire waiting lines ({held} more held back)", held=held)
+
+
+class ListenerService(service.Service):
+    """Binds UDP and TCP on the same host and port, before twistd drops privileges.
+
+    With port 0 the UDP port is picked first and TCP takes the same number.
+    """
+
+    log = get_logger(__name__)
+
+    def __init__(self, reactor, host: str, port: int, udp: NetconsoleProtocol, tcp: SystemInfoFactory):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.udp = udp
+        self.tcp = tcp
+        self.udp_port = None
+        self.tcp_port = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        attempts = 20 if self.port == 0 else 1
+        for attempt in range(attempts):
+            self.udp_port = self._listen("UDP", self.reactor.listenUDP, self.port, self.udp,
+                                         interface=self.host, maxPacketSize=65535)
+            port = self.udp_port.getHost().port
+            try:
+                self.tcp_port = self._listen("TCP", self.reactor.listenTCP, port, self.tcp,
+                                             interface=self.host, backlog=128)
+                return
+            except StartupError:
+                self.udp_port.stopListening()
+                self.udp_port = None
+                if attempt == attempts - 1:
+                    raise
+
+    def _listen(self, proto: str, listen, port: int, factory, **kw):
+        try:
+            return listen(port, factory, **kw)
+        except CannotListenError as e:
+            raise StartupError(describe_listen_error(proto, self.host, port, e.socketError)) from None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port really bound."""
+        return self.host, self.udp_port.getHost().port
+
+    def stopService(self):
+        super().stopService()
+        ports = [p for p in (self.udp_port, self.tcp_port) if p is not None]
+        self.udp_port = self.tcp_port = None
+        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+
+
+def describe_listen_error(proto: str, host: str, port: int, error: BaseException) -> str:
+    """One line that says why a listener could not bind and what to do."""
+    code = getattr(error, "errno", None)
+    where = f"cannot listen on {proto} {host}:{port}"
+    if code == errno.EADDRINUSE:
+        return f"{where}: the port is in use by another program; stop it or choose another --port"
+    if code == errno.EACCES:
+        return (
+            f"{where}: permission denied; ports below 1024 need root or "
+            "CAP_NET_BIND_SERVICE, or choose a port of 1024 or more"
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface has this address; set --host to one of this machine's"
+    if isinstance(error, socket.gaierror):
+        return f"{where}: the host does not resolve; set --host to an IP address"
+    return f"{where}: {error}"
+
+
+class TroubleshootingService(service.MultiService):
+    """The whole tempesta-ts server."""
+
+    log = get_logger(__name__)
+
+    def __init__(self, config: Config, reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.stats: Counter = Counter()
+        self.registry = BufferRegistry(
+            config.max_instances, config.buffer_max_lines, config.buffer_max_bytes, self.stats
+        )
+        sources = SourceFilter(config.allowed_sources)
+        self.udp = NetconsoleProtocol(
+            self.registry, reactor, sources, self.stats, config.udp_receive_buffer_bytes
+        )
+        self.tcp = SystemInfoFactory(
+            self.registry,
+            reactor,
+            sources,
+            self.stats,
+            config.tcp_max_bytes,
+            config.tcp_idle_seconds,
+            config.tcp_max_connections,
+        )
+        self.registry_service = RegistryService(self.registry, reactor)
+        self.registry_service.setServiceParent(self)
+        self.listeners = ListenerService(reactor, config.host, config.port, self.udp, self.tcp)
+        self.listeners.setServiceParent(self)
+        if config.log_level == "debug":
+            self.registry.observers.append(self._log_lines)
+        self.registry.evicted.append(self._log_eviction)
+        self._evictions = Throttle(60.0)
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(self.summary())
+
+    def summary(self) -> str:
+        """The start-up summary: where it listens, what it got, where reports go."""
+        c = self.config
+        host, port = self.listeners.address
+        shown = f"[{host}]" if ":" in host else host
+        granted = self.udp.receive_buffer_granted
+        if granted is None:
+            rcvbuf = "UDP receive buffer left at the system default"
+        else:
+            rcvbuf = f"UDP receive buffer {granted} bytes (asked {c.udp_receive_buffer_bytes}"
+            rcvbuf += "; net.core.rmem_max caps it)" if granted < c.udp_receive_buffer_bytes else ")"
+        if c.standalone:
+            target = f"stand-alone: reports are written under {c.spool_dir}/local/"
+            tls = "TLS: not used"
+        else:
+            target = (
+                f"Support Server https://{c.support_host}:{c.support_port}{c.support_path} "
+                f"as client {c.support_client_id}"
+            )
+            if c.skip_ssl_verification:
+                tls = "TLS: certificate NOT verified (skip_ssl_verification)"
+            elif c.support_ca_file:
+                tls = f"TLS: verified against {c.support_ca_file}"
+            else:
+                tls = "TLS: verified against the system trust store"
+        sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
+        return (
+            f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}; {rcvbuf}; "
+            f"{target}; {tls}; accepting {sources}; log level {c.log_level}"
+        )
+
+    def _log_lines(self, instance: Instance, lines: Sequence[LogLine]) -> None:
+        for line in lines:
+            self.log.debug(
+                "{instance} {text}", instance=instance.address, text=line.text, seq=line.seq
+            )
+
+    def _log_eviction(self, instance: Instance) -> None:
+        held = self._evictions.hit("evict", self.reactor.seconds())
+        if held is not None:
+            self.log.warn(
+                "Dropped instance {instance} (least recently active) to stay within "
+                "max_instances={limit} ({held} more dropped since the last notice)",
+                instance=instance.address,
+                limit=self.config.max_instances,
+                held=held,
+            )

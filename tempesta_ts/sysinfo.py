@@ -1,0 +1,222 @@
+"""The TCP listener: system information and other documents from the instances.
+
+The vendor's System Verification Script connects, sends ``<sys-info>`` + one JSON object on one
+line + ``</sys-info>`` with no newline, and closes. ``nc HOST PORT < file`` sends plain text ended
+by the peer closing (full close or half-close). Either becomes the instance's latest system
+information.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from tempesta_ts.access import SourceFilter, instance_address
+from tempesta_ts.buffers import BufferRegistry, SystemInfo
+from tempesta_ts.log import get_logger
+from tempesta_ts.netconsole import decode_text
+from tempesta_ts.throttle import Throttle
+
+OPEN_TAG = b"<sys-info>"
+CLOSE_TAG = b"</sys-info>"
+
+
+def make_system_info(raw: bytes, received_at: float, peer: str) -> SystemInfo:
+    """A document as kept: its text, and whether that text is JSON."""
+    text = decode_text(raw)
+    try:
+        json.loads(text)
+        kind = "json"
+    except ValueError:
+        kind = "text"
+    return SystemInfo(received_at=received_at, text=text, format=kind, peer=peer)
+
+
+@implementer(IHalfCloseableProtocol)
+class SystemInfoProtocol(LineReceiver, TimeoutMixin):
+    """Receives documents from one connection.
+
+    LineReceiver's line mode does not fit a document of many MiB with no newline (its
+    delimiter is CRLF and MAX_LENGTH drops the connection at 16 KiB; re-splitting a growing
+    buffer is quadratic), so the protocol runs in raw mode and looks for the closing tag only
+    in the new bytes.
+    """
+
+    def connectionMade(self) -> None:
+        factory: SystemInfoFactory = self.factory
+        self.host = instance_address(self.transport.getPeer().host)
+        self.callLater = factory.clock.callLater
+        self._buffer = bytearray()
+        self._discarding = False
+        factory.connections += 1
+        self.setRawMode()
+        self.setTimeout(factory.idle_seconds)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        try:
+            self.resetTimeout()
+            if self._discarding:
+                return
+            factory: SystemInfoFactory = self.factory
+            searched_from = max(0, len(self._buffer) - len(CLOSE_TAG) + 1)
+            self._buffer += data
+            while True:
+                end = self._buffer.find(CLOSE_TAG, searched_from)
+                if end < 0:
+                    break
+                document = bytes(self._buffer[:end])
+                del self._buffer[: end + len(CLOSE_TAG)]
+                searched_from = 0
+                self._accept(document, tagged=True)
+            if len(self._buffer) > factory.max_bytes:
+                self._oversized()
+        except Exception:
+            self.factory.failed("receiving a document", self.host)
+            self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        # The peer half-closed (``nc -N``): what came is the whole document.
+        self._finish()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.setTimeout(None)
+        self._finish()
+        self.factory.connections -= 1
+
+    def timeoutConnection(self) -> None:
+        self.factory.stats["tcp_idle_timeouts"] += 1
+        self.factory.log.info(
+            "Closing idle TCP connection from {source} after {seconds} s",
+            source=self.host,
+            seconds=self.factory.idle_seconds,
+        )
+        # What came is not a finished document: a timeout is not the peer's end of it.
+        self._buffer = bytearray()
+        self.transport.abortConnection()
+
+    def _finish(self) -> None:
+        if self._discarding:
+            return
+        raw = bytes(self._buffer).strip()
+        self._buffer = bytearray()
+        if not raw:
+            return
+        if raw.startswith(OPEN_TAG):
+            self.factory.stats["tcp_documents_unterminated"] += 1
+            self.factory.log.warn(
+                "Document from {source} ended without {tag}; kept as it came",
+                source=self.host,
+                tag=CLOSE_TAG.decode(),
+            )
+        self._accept(raw, tagged=False)
+
+    def _accept(self, raw: bytes, tagged: bool) -> None:
+        raw = raw.strip()
+        if raw.startswith(OPEN_TAG):
+            raw = raw[len(OPEN_TAG) :].strip()
+        if not raw:
+            return
+        self.factory.accept(self.host, raw)
+
+    def _oversized(self) -> None:
+        factory: SystemInfoFactory = self.factory
+        self._discarding = True
+        self._buffer = bytearray()
+        factory.stats["tcp_documents_refused"] += 1
+        factory.log.error(
+            "Discarded a document from {source}: over tcp_max_bytes ({limit} bytes); "
+            "the connection is closed. Raise tcp_max_bytes if such documents are expected.",
+            source=self.host,
+            limit=factory.max_bytes,
+        )
+        self.transport.abortConnection()
+
+
+class SystemInfoFactory(ServerFactory):
+    """Builds a SystemInfoProtocol per allowed client, up to tcp_max_connections at once."""
+
+    protocol = SystemInfoProtocol
+    log = get_logger(__name__)
+    noisy = False
+
+    def __init__(
+        self,
+        registry: BufferRegistry,
+        clock: IReactorTime,
+        sources: SourceFilter,
+        stats: Counter,
+        max_bytes: int,
+        idle_seconds: float,
+        max_connections: int,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.sources = sources
+        self.stats = stats
+        self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
+        self.max_connections = max_connections
+        self.connections = 0
+        self._throttle = Throttle(60.0)
+
+    def buildProtocol(self, addr):
+        host = instance_address(addr.host)
+        now = self.clock.seconds()
+        if not self.sources.allows(host):
+            self.stats["sources_rejected"] += 1
+            self._notice(("reject", host), now, "Rejected TCP from {source}: not in allowed_sources", host)
+            return None
+        if self.connections >= self.max_connections:
+            self.stats["tcp_connections_refused"] += 1
+            self._notice(
+                "busy",
+                now,
+                "Refused TCP from {source}: tcp_max_connections ({limit}) clients are connected",
+                host,
+            )
+            return None
+        return super().buildProtocol(addr)
+
+    def accept(self, host: str, raw: bytes) -> None:
+        """Keep a finished document as the instance's latest system information."""
+        info = make_system_info(raw, self.clock.seconds(), host)
+        self.registry.receive_system_info(host, info)
+        self.stats["tcp_documents_accepted"] += 1
+        self.log.info(
+            "System information from {source}: {size} bytes ({format})",
+            source=host,
+            size=len(raw),
+            format=info.format,
+        )
+
+    def failed(self, what: str, host: str) -> None:
+        """Count and log (once a minute) an unexpected failure."""
+        self.stats["tcp_errors"] += 1
+        held = self._throttle.hit("error", self.clock.seconds())
+        if held is not None:
+            self.log.failure(
+                "Failed {what} from {source} ({held} more failures held back)",
+                what=what,
+                source=host,
+                held=held,
+            )
+
+    def _notice(self, key: object, now: float, message: str, host: str) -> None:
+        held = self._throttle.hit(key, now)
+        if held is not None:
+            self.log.warn(
+                message + " ({held} more held back since the last notice)",
+                source=host,
+                limit=self.max_connections,
+                held=held,
+            )

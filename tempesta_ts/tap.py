@@ -1,0 +1,121 @@
+"""``twistd tempesta-ts``: the command-line options and the service maker."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from tempesta_ts import config as settings
+from tempesta_ts import log
+from tempesta_ts.service import StartupError, TroubleshootingService
+
+
+def _coerce(key: str):
+    def coerce(text: str):
+        try:
+            return settings.parse_flag(key, text)
+        except settings.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    coerce.__name__ = f"coerce_{key}"
+    return coerce
+
+
+def _help(key: str) -> str:
+    default = settings.default_of(key)
+    if default in (None, ()):
+        return settings.SETTINGS[key].metadata["help"]
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"{settings.SETTINGS[key].metadata['help']} [default: {default}]"
+
+
+class Options(usage.Options):
+    """Every key of the JSON config file as a flag; a flag given here overrides the file."""
+
+    synopsis = "[--config FILE] [options]"
+    longdesc = (
+        "Collects the kernel logs that Tempesta FW servers send with netconsole (UDP) and "
+        "their system information (TCP), and reports incidents to the Support Server. "
+        "Settings come from --config (JSON, the same names with underscores) and flags."
+    )
+    optFlags = [
+        [settings.flag_name(key), None, _help(key)]
+        for key in settings.SETTINGS
+        if settings.kind_of(key).is_flag
+    ]
+    # Defaults stay None here so that a flag not given does not override the file.
+    optParameters = [
+        [settings.flag_name(key), None, None, _help(key), _coerce(key)]
+        for key in settings.SETTINGS
+        if not settings.kind_of(key).is_flag
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["config"] = None
+        self.config: settings.Config | None = None
+        self._failed = False
+
+    def opt_config(self, path: str) -> None:
+        """JSON config file (also --config-file)."""
+        self["config"] = path
+
+    def opt_config_file(self, path: str) -> None:
+        """The same as --config (the vendor's name)."""
+        self["config"] = path
+
+    def parseOptions(self, options=None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            # twistd prints our usage before the error; a page of help would bury the line.
+            self._failed = True
+            raise
+
+    def postOptions(self) -> None:
+        given = {}
+        for key in settings.SETTINGS:
+            value = self[settings.flag_name(key)]
+            if settings.kind_of(key).is_flag:
+                if value:
+                    given[key] = True
+            elif value is not None:
+                given[key] = value
+        try:
+            from_file = settings.load_file(self["config"]) if self["config"] else {}
+            self.config = settings.build(from_file, given)
+        except settings.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def getUsage(self, width: int | None = None) -> str:
+        if self._failed:
+            return "Run 'twistd tempesta-ts --help' to list the options.\n"
+        return super().getUsage(width)
+
+
+def makeService(options: Options, reactor=None) -> TroubleshootingService:
+    """The server as configured; ``reactor`` is for tests."""
+    if reactor is None:
+        from twisted.internet import reactor
+    log.set_level(options.config.log_level)
+    _report_startup_errors_in_one_line()
+    return TroubleshootingService(options.config, reactor)
+
+
+def _report_startup_errors_in_one_line() -> None:
+    # twistd lets an exception from privilegedStartService (a port that cannot be bound) end
+    # the process with a traceback; the operator needs the one line that says why.
+    previous = sys.excepthook
+    if getattr(previous, "_tempesta_ts", False):
+        return
+
+    def hook(kind, value, tb):
+        if isinstance(value, StartupError):
+            sys.stderr.write(f"tempesta-ts: {value}\n")
+        else:
+            previous(kind, value, tb)
+
+    hook._tempesta_ts = True
+    sys.excepthook = hook

@@ -1,0 +1,29 @@
+"""When to log a recurring event: the first of a burst, then at most once an interval.
+
+A flood of bad datagrams must not become a flood of log lines. Pure code: time is passed in.
+"""
+
+from __future__ import annotations
+
+
+class Throttle:
+    """Per-key log gate: `hit` says whether to log now and how many were held back since."""
+
+    def __init__(self, interval: float, max_keys: int = 10000) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[object, float] = {}
+        self._held: dict[object, int] = {}
+
+    def hit(self, key: object, now: float) -> int | None:
+        """None to stay quiet; else log now, with the count of events held back since last."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            # Many distinct keys (a flood of spoofed sources): forget them rather than grow.
+            self._last.clear()
+            self._held.clear()
+        self._last[key] = now
+        return self._held.pop(key, 0)

@@ -1,0 +1,326 @@
+"""Netconsole's wire format, without Twisted: real captures, table tests and properties."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from tempesta_ts import netconsole
+from tempesta_ts.netconsole import Decoder, SequenceTracker, parse_extended_header
+
+from tests.captures import EXTENDED_CAPTURES, PLAIN_CAPTURES, datagrams, expected_lines
+
+
+def feed_all(decoder: Decoder, grams, start: float = 0.0) -> list:
+    lines = []
+    for i, gram in enumerate(grams):
+        lines.extend(decoder.feed(gram, start + i * 0.001))
+    return lines
+
+
+def fragments(seq: int, body: bytes, cuts: list[int], header: bytes = b"4,{seq},1000,-") -> list:
+    """The datagrams netconsole sends for `body` cut at the given offsets."""
+    head = header.replace(b"{seq}", str(seq).encode())
+    edges = [0] + sorted(set(c for c in cuts if 0 < c < len(body))) + [len(body)]
+    return [
+        head + b",ncfrag=%d/%d;" % (a, len(body)) + body[a:b] for a, b in zip(edges, edges[1:])
+    ]
+
+
+class CaptureReplayTests(unittest.TestCase):
+    """What a real kernel sent comes out whole, once, in order."""
+
+    def test_every_captured_line_comes_out_once_in_order(self):
+        for name in PLAIN_CAPTURES + EXTENDED_CAPTURES:
+            decoder = Decoder()
+            lines = feed_all(decoder, datagrams(name)) + decoder.flush(1e9)
+            self.assertEqual([l.text for l in lines], expected_lines(name), name)
+            self.assertEqual(decoder.lost_messages, 0, name)
+
+    def test_vendor_test_warning_arrives_in_both_formats(self):
+        for name in ("plain-boot-and-warning.txt", "extended-boot-and-warning.txt"):
+            texts = [l.text for l in feed_all(Decoder(), datagrams(name))]
+            i = texts.index("WARNING test message")
+            self.assertEqual(texts[i - 1 : i + 2], ["test-message", "WARNING test message", "after the warning"])
+
+    def test_extended_lines_carry_level_seq_and_kernel_time(self):
+        lines = feed_all(Decoder(), datagrams("extended-boot-and-warning.txt"))
+        first = lines[0]
+        self.assertTrue(first.text.startswith("Linux version 6.1.0-56-amd64"))
+        self.assertEqual((first.level, first.seq, first.kernel_time_us), (5, 0, 0))
+        warning = next(l for l in lines if l.text == "WARNING test message")
+        # 12 is facility user (1) and level warning (4).
+        self.assertEqual((warning.level, warning.seq, warning.kernel_time_us), (4, 374, 5674757))
+
+    def test_plain_lines_have_the_timestamp_prefix_taken_into_kernel_time(self):
+        lines = feed_all(Decoder(), datagrams("plain-boot-and-warning.txt"))
+        warning = next(l for l in lines if l.text == "WARNING test message")
+        self.assertEqual(warning.kernel_time_us, 6_055_580)
+        self.assertIsNone(warning.seq)
+
+    def test_dictionary_lines_are_attached_to_their_message_not_logged(self):
+        lines = feed_all(Decoder(), datagrams("extended-boot-and-warning.txt"))
+        acpi = next(l for l in lines if "_OSC: OS supports" in l.text)
+        self.assertEqual(acpi.fields, (("SUBSYSTEM", "acpi"), ("DEVICE", "+acpi:PNP0A03:00")))
+        self.assertFalse(any(l.text.startswith(" SUBSYSTEM=") for l in lines))
+
+    def test_fragmented_message_is_reassembled(self):
+        lines = feed_all(Decoder(), datagrams("extended-fragmented.txt"))
+        long = next(l for l in lines if l.text.startswith("start 000"))
+        self.assertEqual(long.text, "start " + "0" * 975 + " end")
+        self.assertFalse(long.incomplete)
+
+    def test_panic_trace_is_complete_in_both_formats(self):
+        for name in ("plain-sysrq-crash.txt", "extended-sysrq-crash.txt"):
+            texts = [l.text for l in feed_all(Decoder(), datagrams(name))]
+            self.assertIn("Kernel panic - not syncing: sysrq triggered crash", texts, name)
+            self.assertTrue(any(t.startswith("Call Trace:") for t in texts), name)
+
+
+class PlainFormatTests(unittest.TestCase):
+    """Plain console text: lines cut across datagrams, odd bytes, prefixes."""
+
+    def test_line_cut_across_datagrams_is_joined(self):
+        d = Decoder()
+        self.assertEqual(d.feed(b"[    1.000000] first half, ", 0.0), [])
+        self.assertTrue(d.has_pending)
+        lines = d.feed(b"second half\n[    1.000001] next\n", 0.1)
+        self.assertEqual([l.text for l in lines], ["first half, second half", "next"])
+        self.assertFalse(d.has_pending)
+
+    def test_partial_line_is_flushed_after_quiet(self):
+        d = Decoder()
+        d.feed(b"no newline yet", 10.0)
+        self.assertEqual(d.expire(10.0 + netconsole.PARTIAL_LINE_SECONDS / 2), [])
+        lines = d.expire(10.0 + netconsole.PARTIAL_LINE_SECONDS)
+        self.assertEqual([l.text for l in lines], ["no newline yet"])
+        self.assertFalse(d.has_pending)
+
+    def test_utf8_character_cut_across_datagrams_is_whole(self):
+        text = "тест ✓\n".encode()
+        d = Decoder()
+        lines = d.feed(text[:3], 0) + d.feed(text[3:], 0)
+        self.assertEqual([l.text for l in lines], ["тест ✓"])
+
+    def test_invalid_utf8_is_kept_visibly(self):
+        lines = Decoder().feed(b"bad \xff\xfe bytes\n", 0)
+        self.assertEqual([l.text for l in lines], ["bad \\xff\\xfe bytes"])
+
+    def test_overlong_partial_line_is_cut_not_held(self):
+        d = Decoder()
+        lines = d.feed(b"x" * (netconsole.MAX_LINE_BYTES + 1), 0)
+        self.assertEqual(len(lines), 1)
+        self.assertFalse(d.has_pending)
+
+    def test_prefixes(self):
+        table = [
+            (b"[    6.052722] test-message", "test-message", None, 6_052_722),
+            (b"<4>[   12.000001] warned", "warned", 4, 12_000_001),
+            (b"[12345.123456][    T1] caller id stays", "[    T1] caller id stays", None, 12_345_123_456),
+            (b"no prefix at all", "no prefix at all", None, None),
+            (b"[not a time] text", "[not a time] text", None, None),
+        ]
+        for raw, text, level, usec in table:
+            line = netconsole.parse_plain_line(raw, 0)
+            self.assertEqual((line.text, line.level, line.kernel_time_us), (text, level, usec), raw)
+
+    def test_blank_lines_are_skipped(self):
+        lines = Decoder().feed(b"\n\r\none\n\n", 0)
+        self.assertEqual([l.text for l in lines], ["one"])
+
+
+class ExtendedFormatTests(unittest.TestCase):
+    """Extended format: headers, release prepend, escapes, fragments, sequence numbers."""
+
+    def test_header_table(self):
+        table = [
+            (b"6,1,0,-;x", (6, 1, 0, None, None, None)),
+            (b"12,373,9650092,-,ncfrag=0/986;x", (12, 373, 9650092, None, 0, 986)),
+            (b"6.12.9,4,5,6,-;x", (4, 5, 6, "6.12.9", None, None)),
+            (b"6.12.9-tfw,4,5,6,c,caller=T12;x", (4, 5, 6, "6.12.9-tfw", None, None)),
+            (b"6,1,0,+,caller=C0,ncfrag=10/20;0123456789", (6, 1, 0, None, 10, 20)),
+        ]
+        for raw, want in table:
+            header, _ = parse_extended_header(raw)
+            got = (header.level, header.seq, header.time_us, header.release, header.frag_offset, header.frag_total)
+            self.assertEqual(got, want, raw)
+
+    def test_text_that_only_looks_odd_is_plain(self):
+        for raw in (b"hello; world", b"1,2;three", b"a,b,c,d;e", b"6,1,x,-;y", b"", b";;;;;;;;"):
+            self.assertIsNone(parse_extended_header(raw), raw)
+
+    def test_release_prepend_is_kept_as_the_kernel_release(self):
+        d = Decoder()
+        lines = d.feed(b"6.12.9,6,0,0,-;Linux version 6.12.9\n", 0)
+        self.assertEqual(lines[0].text, "Linux version 6.12.9")
+        self.assertEqual(d.release, "6.12.9")
+
+    def test_sysdata_release_and_userdata_are_fields(self):
+        d = Decoder()
+        gram = b"4,7,100,-;hello\n cpu=1\n taskname=bash\n release=6.15.0\n msgid=3\n dc=eu-1\n"
+        (line,) = d.feed(gram, 0)
+        self.assertEqual(line.text, "hello")
+        self.assertEqual(dict(line.fields)["taskname"], "bash")
+        self.assertEqual(dict(line.fields)["dc"], "eu-1")
+        self.assertEqual(d.release, "6.15.0")
+
+    def test_escaped_bytes_are_unescaped_and_newlines_split_lines(self):
+        (a, b) = Decoder().feed(b"6,1,0,-;one\\x0atwo \\x5c \\xe2\\x9c\\x93\n", 0)
+        self.assertEqual((a.text, b.text), ("one", "two \\ \u2713"))
+        self.assertEqual((a.seq, b.seq), (1, 1))
+
+    def test_fragments_in_any_order_reassemble(self):
+        body = b"A" * 1500 + b"\n SUBSYSTEM=net\n"
+        grams = fragments(9, body, [700, 1400])
+        for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+            d = Decoder()
+            lines = []
+            for i in order:
+                lines += d.feed(grams[i], 0)
+            self.assertEqual([l.text for l in lines], ["A" * 1500], order)
+            self.assertEqual(lines[0].fields, (("SUBSYSTEM", "net"),))
+            self.assertFalse(d.has_pending)
+
+    def test_missing_fragment_is_kept_incomplete_after_timeout(self):
+        stats = Counter()
+        d = Decoder(stats)
+        grams = fragments(3, b"B" * 1200 + b"\n", [600])
+        self.assertEqual(d.feed(grams[0], 0.0), [])
+        self.assertEqual(d.expire(netconsole.FRAGMENT_SECONDS - 0.1), [])
+        (line,) = d.expire(netconsole.FRAGMENT_SECONDS)
+        self.assertTrue(line.incomplete)
+        self.assertTrue(line.text.startswith("B" * 600))
+        self.assertTrue(line.text.endswith("[...]"))
+        self.assertEqual(stats["fragments_expired"], 1)
+
+    def test_absurd_fragment_headers_are_malformed_not_held(self):
+        stats = Counter()
+        d = Decoder(stats)
+        for raw in (
+            b"4,1,0,-,ncfrag=0/999999999;x",
+            b"4,1,0,-,ncfrag=0/0;x",
+            b"4,1,0,-,ncfrag=90/100;" + b"x" * 20,
+            b"4,1,0,-,ncfrag=a/b;x",
+        ):
+            self.assertEqual(d.feed(raw, 0), [], raw)
+        self.assertEqual(stats["malformed_datagrams"], 4)
+        self.assertFalse(d.has_pending)
+
+    def test_pending_messages_per_instance_are_bounded(self):
+        d = Decoder()
+        out = []
+        for seq in range(netconsole.MAX_PENDING_MESSAGES + 5):
+            out += d.feed(fragments(seq, b"C" * 100 + b"\n", [50])[0], 0)
+        self.assertEqual(len(out), 5)
+        self.assertTrue(all(l.incomplete for l in out))
+        self.assertEqual(len(d._pending), netconsole.MAX_PENDING_MESSAGES)
+
+
+class SequenceTests(unittest.TestCase):
+    """Gaps count as lost, duplicates drop, a reboot restarts the numbering."""
+
+    def test_gap_counts_lost_messages(self):
+        d = Decoder()
+        for seq in (0, 1, 5, 6):
+            d.feed(b"6,%d,0,-;m\n" % seq, 0)
+        self.assertEqual(d.lost_messages, 3)
+
+    def test_duplicates_are_dropped(self):
+        stats = Counter()
+        d = Decoder(stats)
+        out = []
+        for seq in (5, 6, 6, 7, 5):
+            out += d.feed(b"6,%d,0,-;m%d\n" % (seq, seq), 0)
+        self.assertEqual([l.text for l in out], ["m5", "m6", "m7"])
+        self.assertEqual(stats["duplicate_messages"], 2)
+        self.assertEqual(d.lost_messages, 0)
+
+    def test_late_message_fills_its_gap(self):
+        t = SequenceTracker()
+        self.assertEqual([t.accept(s) for s in (10, 12, 11)], [True, True, True])
+        self.assertEqual(t.lost, 0)
+
+    def test_reboot_restarts_numbering_without_loss(self):
+        t = SequenceTracker()
+        for seq in range(3000, 3100):
+            t.accept(seq)
+        self.assertTrue(t.accept(0))
+        self.assertTrue(t.accept(1))
+        self.assertEqual(t.lost, 0)
+        self.assertEqual(t.highest, 1)
+
+    def test_short_lived_instance_reboot_is_a_restart(self):
+        t = SequenceTracker()
+        for seq in range(0, 50):
+            t.accept(seq)
+        # Seq 0 starts every boot's numbering, so it is taken even though 0 was seen.
+        self.assertEqual([t.accept(s) for s in (0, 1, 2)], [True, True, True])
+        self.assertEqual(t.lost, 0)
+
+    def test_first_datagrams_overtaken_are_not_a_restart(self):
+        t = SequenceTracker()
+        self.assertEqual([t.accept(s) for s in (101, 100, 102, 103)], [True] * 4)
+        self.assertEqual((t.lost, t.highest), (0, 103))
+
+
+class PropertyTests(unittest.TestCase):
+    """Properties over generated input."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=2048))
+    def test_any_bytes_never_raise(self, data):
+        d = Decoder()
+        d.feed(data, 0)
+        d.feed(b"6,1,2,-,ncfrag=" + data[:40] + b";" + data, 1)
+        d.expire(1e6)
+        d.flush(1e6)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=3000),
+        st.lists(st.integers(min_value=1, max_value=3000), max_size=6),
+        st.randoms(use_true_random=False),
+    )
+    def test_any_split_in_any_order_reassembles(self, text, cuts, rnd):
+        escaped = "".join(
+            c if " " <= c < "\x7f" and c != "\\" else "".join("\\x%02x" % b for b in c.encode())
+            for c in text
+        ).encode()
+        body = escaped + b"\n"
+        grams = fragments(42, body, cuts)
+        rnd.shuffle(grams)
+        d = Decoder()
+        lines = feed_all(d, grams)
+        expected = [t for t in text.split("\n") if t] or [""]
+        self.assertEqual([l.text for l in lines], expected)
+        self.assertFalse(d.has_pending)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=200), max_size=10))
+    def test_any_split_of_plain_text_gives_the_same_lines(self, cuts):
+        text = b"".join(datagrams("plain-sysrq-crash.txt")[:40])
+        edges = [0] + sorted(set(c for c in cuts if c < len(text))) + [len(text)]
+        d = Decoder()
+        lines = feed_all(d, [text[a:b] for a, b in zip(edges, edges[1:])])
+        whole = Decoder().feed(text, 0)
+        self.assertEqual([l.text for l in lines], [l.text for l in whole])
+
+
+class ShuffledCaptureTests(unittest.TestCase):
+    """Reordering of a real extended capture loses nothing and counts nothing lost."""
+
+    def test_reordered_extended_datagrams_lose_nothing(self):
+        grams = datagrams("extended-boot-and-warning.txt")
+        rnd = random.Random(7)
+        # Swap neighbours, as a congested network does, not whole-sale shuffling.
+        for i in range(0, len(grams) - 1, 3):
+            if rnd.random() < 0.5:
+                grams[i], grams[i + 1] = grams[i + 1], grams[i]
+        d = Decoder()
+        lines = feed_all(d, grams)
+        self.assertEqual(sorted(l.text for l in lines), sorted(expected_lines("extended-boot-and-warning.txt")))
+        self.assertEqual(d.lost_messages, 0)
