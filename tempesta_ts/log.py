@@ -28,9 +28,9 @@ def get_logger(namespace: str) -> Logger:
 
 def set_level(name: str) -> None:
     """Set the level of this package's messages: debug, info, warn or error."""
-    _predicate.defaultLogLevel = LEVELS[name]
+    _predicate.setLogLevelForNamespace("", LEVELS[name])
 
 
 def level() -> LogLevel:
     """The level in force."""
-    return _predicate.defaultLogLevel
+    return _predicate.logLevelForNamespace("")

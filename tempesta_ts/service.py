@@ -97,6 +97,12 @@ class ListenerService(service.Service):
                 if attempt == attempts - 1:
                     raise
 
+    def startService(self) -> None:
+        # ``twist`` (unlike twistd) never calls privilegedStartService.
+        if self.udp_port is None:
+            self.privilegedStartService()
+        super().startService()
+
     def _listen(self, proto: str, listen, port: int, factory, **kw):
         try:
             return listen(port, factory, **kw)

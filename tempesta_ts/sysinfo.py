@@ -52,7 +52,7 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
         factory: SystemInfoFactory = self.factory
         self.host = instance_address(self.transport.getPeer().host)
         self.callLater = factory.clock.callLater
-        self._buffer = bytearray()
+        self._document = bytearray()
         self._discarding = False
         factory.connections += 1
         self.setRawMode()
@@ -64,17 +64,17 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
             if self._discarding:
                 return
             factory: SystemInfoFactory = self.factory
-            searched_from = max(0, len(self._buffer) - len(CLOSE_TAG) + 1)
-            self._buffer += data
+            searched_from = max(0, len(self._document) - len(CLOSE_TAG) + 1)
+            self._document += data
             while True:
-                end = self._buffer.find(CLOSE_TAG, searched_from)
+                end = self._document.find(CLOSE_TAG, searched_from)
                 if end < 0:
                     break
-                document = bytes(self._buffer[:end])
-                del self._buffer[: end + len(CLOSE_TAG)]
+                document = bytes(self._document[:end])
+                del self._document[: end + len(CLOSE_TAG)]
                 searched_from = 0
-                self._accept(document, tagged=True)
-            if len(self._buffer) > factory.max_bytes:
+                self._accept(document)
+            if len(self._document) > factory.max_bytes:
                 self._oversized()
         except Exception:
             self.factory.failed("receiving a document", self.host)
@@ -89,9 +89,9 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
         pass
 
     def connectionLost(self, reason: object = None) -> None:
+        self.factory.connections -= 1
         self.setTimeout(None)
         self._finish()
-        self.factory.connections -= 1
 
     def timeoutConnection(self) -> None:
         self.factory.stats["tcp_idle_timeouts"] += 1
@@ -101,14 +101,20 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
             seconds=self.factory.idle_seconds,
         )
         # What came is not a finished document: a timeout is not the peer's end of it.
-        self._buffer = bytearray()
+        self._document = bytearray()
         self.transport.abortConnection()
 
     def _finish(self) -> None:
+        try:
+            self._finish_document()
+        except Exception:
+            self.factory.failed("finishing a document", self.host)
+
+    def _finish_document(self) -> None:
         if self._discarding:
             return
-        raw = bytes(self._buffer).strip()
-        self._buffer = bytearray()
+        raw = bytes(self._document).strip()
+        self._document = bytearray()
         if not raw:
             return
         if raw.startswith(OPEN_TAG):
@@ -118,9 +124,9 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
                 source=self.host,
                 tag=CLOSE_TAG.decode(),
             )
-        self._accept(raw, tagged=False)
+        self._accept(raw)
 
-    def _accept(self, raw: bytes, tagged: bool) -> None:
+    def _accept(self, raw: bytes) -> None:
         raw = raw.strip()
         if raw.startswith(OPEN_TAG):
             raw = raw[len(OPEN_TAG) :].strip()
@@ -131,7 +137,7 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
     def _oversized(self) -> None:
         factory: SystemInfoFactory = self.factory
         self._discarding = True
-        self._buffer = bytearray()
+        self._document = bytearray()
         factory.stats["tcp_documents_refused"] += 1
         factory.log.error(
             "Discarded a document from {source}: over tcp_max_bytes ({limit} bytes); "
@@ -193,10 +199,10 @@ class SystemInfoFactory(ServerFactory):
         self.registry.receive_system_info(host, info)
         self.stats["tcp_documents_accepted"] += 1
         self.log.info(
-            "System information from {source}: {size} bytes ({format})",
+            "System information from {source}: {size} bytes ({kind})",
             source=host,
             size=len(raw),
-            format=info.format,
+            kind=info.format,
         )
 
     def failed(self, what: str, host: str) -> None:

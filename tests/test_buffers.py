@@ -1,0 +1,110 @@
+"""Per-instance buffers and the registry's bounds, without Twisted."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.trial import unittest
+
+from tempesta_ts.buffers import BufferRegistry, LogBuffer, SystemInfo
+from tempesta_ts.netconsole import PARTIAL_LINE_SECONDS, LogLine
+
+from tests.captures import datagrams, expected_lines
+
+
+def line(text: str) -> LogLine:
+    return LogLine(0.0, text)
+
+
+class LogBufferTests(unittest.TestCase):
+    """The ring keeps the newest lines within its bounds and counts what it pushed out."""
+
+    def test_line_bound_pushes_out_the_oldest(self):
+        buf = LogBuffer(max_lines=3, max_bytes=10_000)
+        buf.extend([line(str(i)) for i in range(5)])
+        self.assertEqual([l.text for l in buf], ["2", "3", "4"])
+        self.assertEqual(buf.dropped, 2)
+
+    def test_byte_bound_pushes_out_the_oldest(self):
+        buf = LogBuffer(max_lines=100, max_bytes=25)
+        buf.extend([line("x" * 10) for _ in range(4)])
+        self.assertEqual(len(buf), 2)
+        self.assertEqual(buf.bytes, 20)
+        self.assertEqual(buf.dropped, 2)
+
+    def test_one_line_over_the_byte_bound_is_still_kept(self):
+        buf = LogBuffer(max_lines=100, max_bytes=10)
+        buf.extend([line("a"), line("y" * 50)])
+        self.assertEqual([l.text for l in buf], ["y" * 50])
+
+
+class RegistryTests(unittest.TestCase):
+    """Instances by source address, bounded by max_instances."""
+
+    def test_instances_are_kept_apart_by_address(self):
+        reg = BufferRegistry(10, 100, 10_000)
+        reg.receive_datagram("10.0.0.1", b"one\n", 1.0)
+        reg.receive_datagram("10.0.0.2", b"two\n", 2.0)
+        self.assertEqual([l.text for l in reg.get("10.0.0.1").buffer], ["one"])
+        self.assertEqual([l.text for l in reg.get("10.0.0.2").buffer], ["two"])
+
+    def test_least_recently_active_instance_is_dropped_first(self):
+        stats = Counter()
+        reg = BufferRegistry(2, 100, 10_000, stats)
+        evicted = []
+        reg.evicted.append(lambda i: evicted.append(i.address))
+        reg.receive_datagram("a", b"1\n", 1.0)
+        reg.receive_datagram("b", b"1\n", 2.0)
+        reg.receive_datagram("a", b"2\n", 3.0)
+        reg.receive_datagram("c", b"1\n", 4.0)
+        self.assertEqual(sorted(i.address for i in reg), ["a", "c"])
+        self.assertEqual(evicted, ["b"])
+        self.assertEqual(stats["instances_evicted"], 1)
+
+    def test_first_and_last_seen(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.receive_datagram("a", b"1\n", 1.0)
+        reg.receive_datagram("a", b"2\n", 5.0)
+        instance = reg.get("a")
+        self.assertEqual((instance.first_seen, instance.last_seen), (1.0, 5.0))
+
+    def test_partial_line_completes_on_expiry(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.receive_datagram("a", b"half", 1.0)
+        self.assertEqual(reg.expire(1.1), 0)
+        self.assertEqual(reg.expire(1.0 + PARTIAL_LINE_SECONDS), 1)
+        self.assertEqual([l.text for l in reg.get("a").buffer], ["half"])
+
+    def test_flush_completes_everything_waiting(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.receive_datagram("a", b"half", 1.0)
+        reg.receive_datagram("b", b"4,1,0,-,ncfrag=0/10;01234", 1.0)
+        self.assertEqual(reg.flush(1.0), 2)
+        self.assertEqual(reg.expire(100.0), 0)
+
+    def test_observers_see_appended_lines(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        seen = []
+        reg.observers.append(lambda instance, lines: seen.extend((instance.address, l.text) for l in lines))
+        reg.receive_datagram("a", b"x\ny\n", 1.0)
+        self.assertEqual(seen, [("a", "x"), ("a", "y")])
+
+    def test_system_info_is_the_latest_document(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.receive_system_info("a", SystemInfo(1.0, "old", "text"))
+        reg.receive_system_info("a", SystemInfo(2.0, "{}", "json"))
+        self.assertEqual(reg.get("a").system_info.text, "{}")
+
+    def test_capture_replay_fills_buffer_exactly(self):
+        reg = BufferRegistry(2, 100_000, 10_000_000)
+        for i, gram in enumerate(datagrams("extended-sysrq-crash.txt")):
+            reg.receive_datagram("192.0.2.10", gram, float(i))
+        texts = [l.text for l in reg.get("192.0.2.10").buffer]
+        self.assertEqual(texts, expected_lines("extended-sysrq-crash.txt"))
+
+    def test_memory_stays_bounded_under_a_flood_of_sources(self):
+        reg = BufferRegistry(50, 10, 1000)
+        for n in range(5000):
+            reg.receive_datagram(f"10.{n // 256}.{n % 256}.1", b"x" * 200 + b"\n" * 20, float(n))
+        self.assertEqual(len(reg), 50)
+        self.assertLessEqual(reg.buffered_bytes, 50 * 1000)

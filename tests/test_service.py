@@ -1,0 +1,121 @@
+"""The assembled service over real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial import unittest
+
+from tempesta_ts.config import Config
+from tempesta_ts.service import StartupError, TroubleshootingService
+
+from tests.captures import datagrams, expected_lines
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> defer.Deferred:
+    """Fire when predicate() is true; fail after timeout seconds (real sockets need real time)."""
+    d = defer.Deferred()
+    deadline = reactor.seconds() + timeout
+
+    def check():
+        if predicate():
+            d.callback(None)
+        elif reactor.seconds() > deadline:
+            d.errback(AssertionError(f"condition not met within {timeout} s"))
+        else:
+            reactor.callLater(interval, check)
+
+    check()
+    return d
+
+
+class Sender(protocol.DatagramProtocol):
+    """Sends datagrams from one loopback address."""
+
+    def send_all(self, grams, address):
+        for gram in grams:
+            self.transport.write(gram, address)
+
+
+class ServiceTests(unittest.TestCase):
+    """Datagrams from several sources and a TCP document reach the right buffers."""
+
+    def start(self, **settings) -> TroubleshootingService:
+        config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(), **settings)
+        svc = TroubleshootingService(config, reactor)
+        svc.privilegedStartService()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        return svc
+
+    def sender(self, host: str) -> Sender:
+        proto = Sender()
+        port = reactor.listenUDP(0, proto, interface=host)
+        self.addCleanup(port.stopListening)
+        return proto
+
+    @defer.inlineCallbacks
+    def test_datagrams_from_several_sources_and_a_document_reach_their_buffers(self):
+        svc = self.start()
+        address = svc.listeners.address
+        captures = {
+            "127.0.0.2": "plain-boot-and-warning.txt",
+            "127.0.0.3": "extended-boot-and-warning.txt",
+            "127.0.0.4": "extended-fragmented.txt",
+        }
+        for host, name in captures.items():
+            self.sender(host).send_all(datagrams(name), address)
+
+        def complete():
+            return all(
+                svc.registry.get(h) is not None and len(svc.registry.get(h).buffer) >= len(expected_lines(n))
+                for h, n in captures.items()
+            )
+
+        yield wait_until(complete)
+        for host, name in captures.items():
+            texts = [l.text for l in svc.registry.get(host).buffer]
+            self.assertEqual(texts, expected_lines(name), host)
+
+        client = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, *address, bindAddress=("127.0.0.3", 0)), protocol.Protocol()
+        )
+        client.transport.write(b'<sys-info>{"sys_info": {"current_kernel": "6.1.0-56-amd64"}}</sys-info>')
+        client.transport.loseConnection()
+        yield wait_until(lambda: svc.registry.get("127.0.0.3").system_info is not None)
+        self.assertEqual(svc.registry.get("127.0.0.3").system_info.format, "json")
+        self.assertEqual(svc.stats["tcp_documents_accepted"], 1)
+
+    def test_summary_names_addresses_buffer_target_and_tls(self):
+        svc = self.start()
+        summary = svc.summary()
+        self.assertIn(f"UDP and TCP 127.0.0.1:{svc.listeners.address[1]}", summary)
+        self.assertIn("UDP receive buffer", summary)
+        self.assertIn("stand-alone", summary)
+        self.assertIn("TLS: not used", summary)
+
+    def test_udp_and_tcp_share_the_port(self):
+        svc = self.start()
+        port = svc.listeners.address[1]
+        self.assertEqual(svc.listeners.tcp_port.getHost().port, port)
+
+    def test_port_in_use_stops_the_start_with_one_clear_line(self):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        busy.bind(("127.0.0.1", 0))
+        self.addCleanup(busy.close)
+        config = Config(host="127.0.0.1", port=busy.getsockname()[1], spool_dir=self.mktemp())
+        svc = TroubleshootingService(config, reactor)
+        with self.assertRaises(StartupError) as caught:
+            svc.privilegedStartService()
+        self.assertIn("cannot listen on UDP 127.0.0.1:", str(caught.exception))
+        self.assertIn("in use", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_stop_keeps_partial_lines(self):
+        svc = self.start()
+        self.sender("127.0.0.5").send_all([b"[    1.000000] cut in the midd"], svc.listeners.address)
+        yield wait_until(lambda: svc.registry.get("127.0.0.5") is not None)
+        yield svc.stopService()
+        self.assertEqual([l.text for l in svc.registry.get("127.0.0.5").buffer], ["cut in the midd"])

@@ -1,0 +1,91 @@
+"""``twistd tempesta-ts`` as an operator runs it: start, refuse bad settings, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+from twisted.internet import defer, error
+from twisted.trial import unittest
+
+from tests.processes import STARTED, TWISTD, spawn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "tap.conf.example")
+SECONDS = 30
+
+
+class TwistdTests(unittest.TestCase):
+    """The real twistd process."""
+
+    def twistd(self, *argv: str):
+        return spawn(self, "twistd", [*TWISTD, "-n", "--pidfile=", "tempesta-ts", *argv])
+
+    @defer.inlineCallbacks
+    def refused(self, *argv: str) -> defer.Deferred:
+        """Run twistd expecting it to refuse to start: its output lines."""
+        child = self.twistd(*argv)
+        reason = yield child.ended(SECONDS)
+        self.assertIsInstance(reason, error.ProcessTerminated, child.tail())
+        self.assertNotEqual(reason.exitCode, 0)
+        self.assertNotIn(STARTED, "\n".join(child.lines))
+        self.assertNotIn("Traceback", "\n".join(child.lines))
+        return child.lines
+
+    def config_file(self, content: dict) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump(content, f)
+        return path
+
+    @defer.inlineCallbacks
+    def test_example_config_starts_and_sigterm_stops_within_a_second(self):
+        spool = os.path.abspath(self.mktemp())
+        child = self.twistd("--config", EXAMPLE, "--port", "0", "--spool-dir", spool)
+        line = yield child.line_containing(STARTED, SECONDS)
+        self.assertIn("UDP receive buffer", line)
+        self.assertIn("stand-alone", line)
+        child.transport.signalProcess("TERM")
+        reason = yield child.ended(1.0)
+        # twistd ends by the signal that stopped it, which systemd counts as a clean stop.
+        self.assertEqual(reason.signal, signal.SIGTERM, child.tail())
+        self.assertIn("Server Shut Down.", "\n".join(child.lines))
+
+    @defer.inlineCallbacks
+    def test_unknown_key_stops_the_start_naming_the_closest_key(self):
+        lines = yield self.refused("--config", self.config_file({"prot": 5555}))
+        self.assertIn("unknown key 'prot'; did you mean 'port'?", lines[-1])
+
+    @defer.inlineCallbacks
+    def test_bad_value_stops_the_start_without_showing_the_api_key(self):
+        path = self.config_file({"support_api_key": "TOPSECRET", "port": 70000})
+        lines = yield self.refused("--config", path)
+        self.assertIn("key 'port': 70000 is not valid; expected an integer from 0 to 65535", lines[-1])
+        self.assertNotIn("TOPSECRET", "\n".join(lines))
+
+    @defer.inlineCallbacks
+    def test_missing_config_file_stops_the_start(self):
+        lines = yield self.refused("--config-file", "/nonexistent/tap.conf")
+        self.assertIn("'/nonexistent/tap.conf': cannot read it (No such file or directory)", lines[-1])
+
+    @defer.inlineCallbacks
+    def test_port_in_use_stops_the_start_with_one_line(self):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        busy.bind(("127.0.0.1", 0))
+        self.addCleanup(busy.close)
+        port = str(busy.getsockname()[1])
+        lines = yield self.refused("--host", "127.0.0.1", "--port", port, "--spool-dir", self.mktemp())
+        failures = [l for l in lines if "cannot listen" in l]
+        self.assertEqual(len(failures), 1, "\n".join(lines))
+        self.assertIn(f"cannot listen on UDP 127.0.0.1:{port}: the port is in use", failures[0])
+
+    @defer.inlineCallbacks
+    def test_help_lists_every_option(self):
+        child = self.twistd("--help")
+        yield child.ended(SECONDS)
+        text = "\n".join(child.lines)
+        for flag in ("--host", "--port", "--support-host", "--support-port", "--support-client-id",
+                     "--support-api-key", "--config-file", "--skip-ssl-verification"):
+            self.assertIn(flag, text)

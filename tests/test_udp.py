@@ -1,0 +1,94 @@
+"""The UDP listener, driven by direct datagramReceived calls (MemoryReactor has no UDP)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import Counter
+
+from twisted.internet import task
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from tempesta_ts.access import SourceFilter
+from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.udp import NetconsoleProtocol, enlarge_receive_buffer
+
+from tests.captures import datagrams, expected_lines
+
+
+def make(allowed=()):
+    clock = task.Clock()
+    stats = Counter()
+    registry = BufferRegistry(100, 10_000, 10_000_000, stats)
+    sources = SourceFilter(ipaddress.ip_network(n) for n in allowed)
+    return NetconsoleProtocol(registry, clock, sources, stats), registry, clock, stats
+
+
+class NetconsoleProtocolTests(unittest.TestCase):
+    """Datagrams in, buffers filled; bad input is counted and never escapes."""
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_datagrams_fill_the_instance_buffer(self):
+        proto, registry, clock, stats = make()
+        for gram in datagrams("plain-boot-and-warning.txt"):
+            clock.advance(0.001)
+            proto.datagramReceived(gram, ("192.0.2.10", 6665))
+        texts = [l.text for l in registry.get("192.0.2.10").buffer]
+        self.assertEqual(texts, expected_lines("plain-boot-and-warning.txt"))
+        self.assertEqual(stats["datagrams"], len(datagrams("plain-boot-and-warning.txt")))
+
+    def test_ipv4_mapped_sources_are_the_ipv4_instance(self):
+        proto, registry, _, _ = make()
+        proto.datagramReceived(b"hello\n", ("::ffff:192.0.2.7", 6665, 0, 0))
+        self.assertIsNotNone(registry.get("192.0.2.7"))
+
+    def test_sources_outside_allowed_sources_are_rejected_and_logged_once_a_minute(self):
+        proto, registry, clock, stats = make(allowed=["10.0.0.0/8"])
+        for _ in range(100):
+            proto.datagramReceived(b"x\n", ("192.0.2.1", 6665))
+        proto.datagramReceived(b"x\n", ("10.1.2.3", 6665))
+        self.assertIsNone(registry.get("192.0.2.1"))
+        self.assertIsNotNone(registry.get("10.1.2.3"))
+        self.assertEqual(stats["sources_rejected"], 100)
+        notices = [e for e in self.events if "Rejected UDP" in e.get("log_format", "")]
+        self.assertEqual(len(notices), 1)
+        clock.advance(61)
+        proto.datagramReceived(b"x\n", ("192.0.2.1", 6665))
+        notices = [e for e in self.events if "Rejected UDP" in e.get("log_format", "")]
+        self.assertEqual((len(notices), notices[-1]["held"]), (2, 99))
+
+    def test_a_failure_inside_never_escapes_and_is_logged_once_per_burst(self):
+        proto, registry, clock, stats = make()
+
+        def broken(*args):
+            raise RuntimeError("boom")
+
+        registry.receive_datagram = broken
+        for _ in range(50):
+            proto.datagramReceived(b"x\n", ("192.0.2.1", 6665))
+        self.assertEqual(stats["udp_errors"], 50)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_garbage_is_kept_visibly_and_malformed_headers_counted(self):
+        proto, registry, _, stats = make()
+        proto.datagramReceived(b"\xff\xfe\x00garbage\n", ("192.0.2.1", 1))
+        proto.datagramReceived(b"4,1,0,-,ncfrag=0/99999999;x", ("192.0.2.1", 1))
+        texts = [l.text for l in registry.get("192.0.2.1").buffer]
+        self.assertEqual(texts, ["\\xff\\xfe\x00garbage"])
+        self.assertEqual(stats["malformed_datagrams"], 1)
+
+
+class ReceiveBufferTests(unittest.TestCase):
+    """The socket's receive buffer is enlarged and what the kernel granted is known."""
+
+    def test_granted_size_is_reported(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        granted = enlarge_receive_buffer(sock, 4 * 1024 * 1024)
+        self.assertGreater(granted, 100_000)
+        self.assertLessEqual(granted, 4 * 1024 * 1024)
