@@ -353,6 +353,8 @@ class Decoder:
             if key == "release" and value:
                 self.release = value
         level = header.level & 7
+        # Empty lines of a multi-line message are dropped; an empty message stays one line.
+        texts = [text for text in texts if text] or [""]
         return [
             LogLine(
                 now,
@@ -364,5 +366,4 @@ class Decoder:
                 incomplete=not complete,
             )
             for text in texts
-            if text or len(texts) == 1
         ]

@@ -176,7 +176,13 @@ class TroubleshootingService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.log.info(self.summary())
+        # twistd starts services before the reactor runs and installs its signal handlers:
+        # "listening" is said once a SIGTERM would be handled cleanly.
+        self.reactor.callWhenRunning(self._announce)
+
+    def _announce(self) -> None:
+        if self.running:
+            self.log.info(self.summary())
 
     def summary(self) -> str:
         """The start-up summary: where it listens, what it got, where reports go."""

@@ -175,3 +175,13 @@ class OptionsTests(unittest.TestCase):
         c = self.parse("--allowed-sources", "10.0.0.0/8, ::1/128", "--incident-patterns", '[{"kind": "error", "regex": "boom"}]')
         self.assertEqual([str(n) for n in c.allowed_sources], ["10.0.0.0/8", "::1/128"])
         self.assertEqual(c.incident_patterns, (("error", "boom"),))
+
+
+class DocumentationTests(unittest.TestCase):
+    """The configuration reference keeps up with the settings table."""
+
+    def test_every_key_is_documented(self):
+        with open(os.path.join(os.path.dirname(HERE), "docs", "configuration.md")) as f:
+            text = f.read()
+        for key in config.SETTINGS:
+            self.assertIn(f"| `{key}` | `--{config.flag_name(key)}` |", text)

@@ -1,0 +1,22 @@
+# tempesta-ts in a container. Run it with --network=host so that the instances' real source
+# addresses are seen (through Docker's NAT every instance would share one address):
+#   docker run -d --network=host -v /etc/tempesta-ts:/etc/tempesta-ts:ro \
+#     -v tempesta-ts-spool:/var/spool/tempesta-ts tempesta-ts
+FROM python:3.12-slim
+
+RUN useradd --system --home-dir /var/lib/tempesta-ts --shell /usr/sbin/nologin tempesta-ts \
+    && mkdir -p /etc/tempesta-ts /var/spool/tempesta-ts \
+    && chown tempesta-ts: /var/spool/tempesta-ts
+
+COPY . /tmp/tempesta-ts
+# Regenerate twistd's plugin cache as root: the non-root user cannot write it at run time.
+RUN pip install --no-cache-dir /tmp/tempesta-ts \
+    && rm -rf /tmp/tempesta-ts \
+    && python -c "from twisted.plugin import IPlugin, getPlugins; from twisted import plugins; list(getPlugins(IPlugin, plugins))"
+
+USER tempesta-ts
+VOLUME ["/var/spool/tempesta-ts"]
+EXPOSE 5555/udp 5555/tcp
+# --pidfile= : a pid file left in the image by a killed container would stop the next start.
+ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "tempesta-ts"]
+CMD ["--config", "/etc/tempesta-ts/tap.conf"]
