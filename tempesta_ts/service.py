@@ -16,6 +16,7 @@ from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.config import Config
+from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.sysinfo import SystemInfoFactory
@@ -152,18 +153,10 @@ class TroubleshootingService(service.MultiService):
         self.registry = BufferRegistry(
             config.max_instances, config.buffer_max_lines, config.buffer_max_bytes, self.stats
         )
-        sources = SourceFilter(config.allowed_sources)
-        self.udp = NetconsoleProtocol(
-            self.registry, reactor, sources, self.stats, config.udp_receive_buffer_bytes
-        )
+        intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
+        self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
         self.tcp = SystemInfoFactory(
-            self.registry,
-            reactor,
-            sources,
-            self.stats,
-            config.tcp_max_bytes,
-            config.tcp_idle_seconds,
-            config.tcp_max_connections,
+            intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections
         )
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)

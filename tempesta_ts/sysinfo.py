@@ -9,19 +9,17 @@ information.
 from __future__ import annotations
 
 import json
-from collections import Counter
-
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from tempesta_ts.access import SourceFilter, instance_address
-from tempesta_ts.buffers import BufferRegistry, SystemInfo
+from tempesta_ts.access import instance_address
+from tempesta_ts.buffers import SystemInfo
+from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.netconsole import decode_text
-from tempesta_ts.throttle import Throttle
 
 OPEN_TAG = b"<sys-info>"
 CLOSE_TAG = b"</sys-info>"
@@ -77,7 +75,7 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
             if len(self._document) > factory.max_bytes:
                 self._oversized()
         except Exception:
-            self.factory.failed("receiving a document", self.host)
+            self.factory.intake.failed("tcp", self.host)
             self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:
@@ -108,7 +106,7 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
         try:
             self._finish_document()
         except Exception:
-            self.factory.failed("finishing a document", self.host)
+            self.factory.intake.failed("tcp", self.host)
 
     def _finish_document(self) -> None:
         if self._discarding:
@@ -155,40 +153,26 @@ class SystemInfoFactory(ServerFactory):
     log = get_logger(__name__)
     noisy = False
 
-    def __init__(
-        self,
-        registry: BufferRegistry,
-        clock: IReactorTime,
-        sources: SourceFilter,
-        stats: Counter,
-        max_bytes: int,
-        idle_seconds: float,
-        max_connections: int,
-    ) -> None:
-        self.registry = registry
-        self.clock = clock
-        self.sources = sources
-        self.stats = stats
+    def __init__(self, intake: Intake, max_bytes: int, idle_seconds: float, max_connections: int) -> None:
+        self.intake = intake
+        self.clock = intake.clock
+        self.stats = intake.stats
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
         self.max_connections = max_connections
         self.connections = 0
-        self._throttle = Throttle(60.0)
 
     def buildProtocol(self, addr):
         host = instance_address(addr.host)
-        now = self.clock.seconds()
-        if not self.sources.allows(host):
-            self.stats["sources_rejected"] += 1
-            self._notice(("reject", host), now, "Rejected TCP from {source}: not in allowed_sources", host)
+        if not self.intake.admits(host, "TCP"):
             return None
         if self.connections >= self.max_connections:
             self.stats["tcp_connections_refused"] += 1
-            self._notice(
-                "busy",
-                now,
+            self.intake.notice(
+                "tcp-busy",
                 "Refused TCP from {source}: tcp_max_connections ({limit}) clients are connected",
-                host,
+                source=host,
+                limit=self.max_connections,
             )
             return None
         return super().buildProtocol(addr)
@@ -196,7 +180,7 @@ class SystemInfoFactory(ServerFactory):
     def accept(self, host: str, raw: bytes) -> None:
         """Keep a finished document as the instance's latest system information."""
         info = make_system_info(raw, self.clock.seconds(), host)
-        self.registry.receive_system_info(host, info)
+        self.intake.registry.receive_system_info(host, info)
         self.stats["tcp_documents_accepted"] += 1
         self.log.info(
             "System information from {source}: {size} bytes ({kind})",
@@ -204,25 +188,3 @@ class SystemInfoFactory(ServerFactory):
             size=len(raw),
             kind=info.format,
         )
-
-    def failed(self, what: str, host: str) -> None:
-        """Count and log (once a minute) an unexpected failure."""
-        self.stats["tcp_errors"] += 1
-        held = self._throttle.hit("error", self.clock.seconds())
-        if held is not None:
-            self.log.failure(
-                "Failed {what} from {source} ({held} more failures held back)",
-                what=what,
-                source=host,
-                held=held,
-            )
-
-    def _notice(self, key: object, now: float, message: str, host: str) -> None:
-        held = self._throttle.hit(key, now)
-        if held is not None:
-            self.log.warn(
-                message + " ({held} more held back since the last notice)",
-                source=host,
-                limit=self.max_connections,
-                held=held,
-            )

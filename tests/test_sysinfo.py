@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.intake import Intake
 from tempesta_ts.sysinfo import SystemInfoFactory
 
 
@@ -44,9 +45,8 @@ class SystemInfoTests(unittest.TestCase):
 
     def make(self, allowed=(), max_bytes=64 * 1024 * 1024, max_connections=8):
         sources = SourceFilter(ipaddress.ip_network(n) for n in allowed)
-        return SystemInfoFactory(
-            self.registry, self.clock, sources, self.stats, max_bytes, 30.0, max_connections
-        )
+        intake = Intake(self.registry, self.clock, sources, self.stats)
+        return SystemInfoFactory(intake, max_bytes, 30.0, max_connections)
 
     def info(self, host="192.0.2.10"):
         instance = self.registry.get(host)

@@ -7,11 +7,12 @@ import socket
 from collections import Counter
 
 from twisted.internet import task
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.intake import Intake
 from tempesta_ts.udp import NetconsoleProtocol, enlarge_receive_buffer
 
 from tests.captures import datagrams, expected_lines
@@ -22,7 +23,7 @@ def make(allowed=()):
     stats = Counter()
     registry = BufferRegistry(100, 10_000, 10_000_000, stats)
     sources = SourceFilter(ipaddress.ip_network(n) for n in allowed)
-    return NetconsoleProtocol(registry, clock, sources, stats), registry, clock, stats
+    return NetconsoleProtocol(Intake(registry, clock, sources, stats)), registry, clock, stats
 
 
 class NetconsoleProtocolTests(unittest.TestCase):
@@ -55,11 +56,11 @@ class NetconsoleProtocolTests(unittest.TestCase):
         self.assertIsNone(registry.get("192.0.2.1"))
         self.assertIsNotNone(registry.get("10.1.2.3"))
         self.assertEqual(stats["sources_rejected"], 100)
-        notices = [e for e in self.events if "Rejected UDP" in e.get("log_format", "")]
+        notices = [e for e in self.events if "Rejected UDP from 192.0.2.1" in formatEvent(e)]
         self.assertEqual(len(notices), 1)
         clock.advance(61)
         proto.datagramReceived(b"x\n", ("192.0.2.1", 6665))
-        notices = [e for e in self.events if "Rejected UDP" in e.get("log_format", "")]
+        notices = [e for e in self.events if "Rejected UDP from 192.0.2.1" in formatEvent(e)]
         self.assertEqual((len(notices), notices[-1]["held"]), (2, 99))
 
     def test_a_failure_inside_never_escapes_and_is_logged_once_per_burst(self):
