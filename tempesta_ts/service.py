@@ -1,4 +1,5 @@
-"""Assembly: the buffer registry, the UDP and TCP listeners, in one MultiService."""
+"""Assembly: buffer registry, UDP and TCP listeners, incident tracker and reporter in one
+MultiService, started and stopped in the order that loses nothing."""
 
 from __future__ import annotations
 
@@ -9,26 +10,27 @@ from typing import Sequence
 
 from twisted.application import service
 from twisted.internet import task
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 
 from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.config import Config
+from tempesta_ts.errors import StartupError
+from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.netconsole import LogLine
+from tempesta_ts.report import Incident, build_report
+from tempesta_ts.reporter import Reporter
 from tempesta_ts.sysinfo import SystemInfoFactory
 from tempesta_ts.throttle import Throttle
+from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import NetconsoleProtocol
 
 #: How often waiting partial lines and fragments are looked at.
 EXPIRE_INTERVAL = 0.25
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do, in one line."""
 
 
 class RegistryService(service.Service):
@@ -145,7 +147,7 @@ class TroubleshootingService(service.MultiService):
 
     log = get_logger(__name__)
 
-    def __init__(self, config: Config, reactor) -> None:
+    def __init__(self, config: Config, reactor, http_client=None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -158,14 +160,55 @@ class TroubleshootingService(service.MultiService):
         self.tcp = SystemInfoFactory(
             intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections
         )
+        self.reporter = Reporter(config, reactor, self.stats, http_client=http_client)
+        self.tracker = IncidentTracker(
+            Rules(config.incident_patterns, config.ignore_patterns),
+            reactor,
+            config.settle_seconds,
+            config.cooldown_seconds,
+            self._make_report,
+            self.reporter.submit,
+            self.stats,
+        )
+        self.hostname = socket.gethostname()
+        # Started in this order, stopped in reverse (see stopService).
+        self.reporter.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
         self.listeners = ListenerService(reactor, config.host, config.port, self.udp, self.tcp)
         self.listeners.setServiceParent(self)
         if config.log_level == "debug":
             self.registry.observers.append(self._log_lines)
+        self.registry.observers.append(self.tracker.lines_added)
         self.registry.evicted.append(self._log_eviction)
+        self.registry.evicted.append(self.tracker.forget)
         self._evictions = Throttle(60.0)
+
+    @inlineCallbacks
+    def stopService(self):
+        """Listeners off, waiting lines completed, open incidents reported, then delivery ends.
+
+        MultiService would stop its children all at once; nothing accepted may be lost, so the
+        order is explicit.
+        """
+        if not self.running:
+            return
+        service.Service.stopService(self)
+        yield self.listeners.stopService()
+        yield self.registry_service.stopService()
+        yield self.tracker.close_all()
+        yield self.reporter.stopService()
+
+    def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
+        return build_report(
+            instance=instance,
+            incidents=incidents,
+            suppressed=suppressed,
+            client_id=self.config.support_client_id,
+            hostname=self.hostname,
+            version=__version__,
+            now=self.reactor.seconds(),
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -174,8 +217,15 @@ class TroubleshootingService(service.MultiService):
         self.reactor.callWhenRunning(self._announce)
 
     def _announce(self) -> None:
-        if self.running:
-            self.log.info(self.summary())
+        if not self.running:
+            return
+        self.log.info(self.summary())
+        if self.config.skip_ssl_verification and not self.config.standalone:
+            self.log.warn(
+                "skip_ssl_verification is set: the Support Server's certificate is not checked, "
+                "so reports and the API key could go to an impostor. Prefer support_ca_file "
+                "with the server's CA."
+            )
 
     def summary(self) -> str:
         """The start-up summary: where it listens, what it got, where reports go."""
@@ -203,9 +253,11 @@ class TroubleshootingService(service.MultiService):
             else:
                 tls = "TLS: verified against the system trust store"
         sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
+        waiting = self.reporter.spool.count
+        spool = f"{waiting} reports wait in the spool" if waiting else "spool empty"
         return (
             f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}; {rcvbuf}; "
-            f"{target}; {tls}; accepting {sources}; log level {c.log_level}"
+            f"{target}; {tls}; {spool}; accepting {sources}; log level {c.log_level}"
         )
 
     def _log_lines(self, instance: Instance, lines: Sequence[LogLine]) -> None:

@@ -9,6 +9,7 @@ information.
 from __future__ import annotations
 
 import json
+
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineReceiver

@@ -8,7 +8,8 @@ from twisted.python import usage
 
 from tempesta_ts import config as settings
 from tempesta_ts import log
-from tempesta_ts.service import StartupError, TroubleshootingService
+from tempesta_ts.errors import StartupError
+from tempesta_ts.service import TroubleshootingService
 
 
 def _coerce(key: str):
@@ -101,7 +102,11 @@ def makeService(options: Options, reactor=None) -> TroubleshootingService:
         from twisted.internet import reactor
     log.set_level(options.config.log_level)
     _report_startup_errors_in_one_line()
-    return TroubleshootingService(options.config, reactor)
+    try:
+        return TroubleshootingService(options.config, reactor)
+    except settings.ConfigError as e:
+        # What only shows when it is used (a CA bundle that does not parse).
+        raise StartupError(str(e)) from None
 
 
 def _report_startup_errors_in_one_line() -> None:

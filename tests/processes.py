@@ -11,6 +11,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 #: twistd, not ``python -m twisted`` (twist): twist never calls privilegedStartService, where
 #: the server binds, and filters below its own --log-level (info).
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+#: The checkout whose code the tests run.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: What the start-up summary says once the server listens.
 STARTED = "listening on UDP and TCP"
 
@@ -93,7 +95,9 @@ KILL_SECONDS = 10
 def spawn(case, name: str, argv: list[str], env: dict | None = None) -> Child:
     """Start a child for a test case; the case's cleanup kills it if it still runs."""
     child = Child(name)
-    environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # The child runs the code under test, not whatever version is installed.
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    environ = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
     reactor.spawnProcess(child, argv[0], argv, env=environ, path=os.getcwd())
 
     def stop():

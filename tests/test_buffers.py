@@ -8,7 +8,6 @@ from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry, LogBuffer, SystemInfo
 from tempesta_ts.netconsole import PARTIAL_LINE_SECONDS, LogLine
-
 from tests.captures import datagrams, expected_lines
 
 

@@ -12,7 +12,7 @@ import shutil
 import signal
 import uuid
 
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, error
 from twisted.trial import unittest
 
 from tests.processes import STARTED, TWISTD, Child, run, spawn
@@ -68,7 +68,7 @@ class KernelNetconsoleTests(unittest.TestCase):
         try:
             reason = yield prepare.ended(PREPARE_SECONDS)
         except defer.TimeoutError:
-            raise unittest.SkipTest(f"fetching the kernel took over {PREPARE_SECONDS} s")
+            raise unittest.SkipTest(f"fetching the kernel took over {PREPARE_SECONDS} s") from None
         if not isinstance(reason, error.ProcessDone):
             raise unittest.SkipTest(f"cannot fetch the kernel or its tools: {prepare.tail(5)}")
 

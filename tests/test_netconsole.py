@@ -11,7 +11,6 @@ from twisted.trial import unittest
 
 from tempesta_ts import netconsole
 from tempesta_ts.netconsole import Decoder, SequenceTracker, parse_extended_header
-
 from tests.captures import EXTENDED_CAPTURES, PLAIN_CAPTURES, datagrams, expected_lines
 
 

@@ -7,7 +7,6 @@ import json
 from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry, SystemInfo
-from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, build_report, iso
 
 NOW = 1795408205.123456

@@ -9,26 +9,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from tempesta_ts.config import Config
-from tempesta_ts.service import StartupError, TroubleshootingService
-
+from tempesta_ts.errors import StartupError
+from tempesta_ts.service import TroubleshootingService
 from tests.captures import datagrams, expected_lines
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> defer.Deferred:
-    """Fire when predicate() is true; fail after timeout seconds (real sockets need real time)."""
-    d = defer.Deferred()
-    deadline = reactor.seconds() + timeout
-
-    def check():
-        if predicate():
-            d.callback(None)
-        elif reactor.seconds() > deadline:
-            d.errback(AssertionError(f"condition not met within {timeout} s"))
-        else:
-            reactor.callLater(interval, check)
-
-    check()
-    return d
+from tests.waits import wait_until
 
 
 class Sender(protocol.DatagramProtocol):

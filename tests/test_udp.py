@@ -14,7 +14,6 @@ from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.intake import Intake
 from tempesta_ts.udp import NetconsoleProtocol, enlarge_receive_buffer
-
 from tests.captures import datagrams, expected_lines
 
 

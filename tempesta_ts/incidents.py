@@ -1,0 +1,213 @@
+"""Incident detection: which kernel log line starts an incident, and of what kind.
+
+An incident is what the vendor must hear about: a panic, an oops, a kernel BUG (lockups, hung
+tasks, RCU stalls, sanitizer reports), a WARNING, or an error or warning from a Tempesta FW module
+(``[tempesta fw] ERROR: ...``). `Rules.detect` looks at one line at a time and says whether it
+opens one; the lines that follow (registers, call trace) belong to it until `is_end_marker` or a
+quiet spell, which is the caller's business. `signature` names an incident so that repeats from
+other CPUs, tasks or addresses fold into one.
+
+Every built-in rule is anchored at the start of the line, where the kernel puts these headers:
+text in the middle of a line (an access log's URI, "error" in a driver's message, Spectre's
+"WARNING: Unprivileged eBPF ...") never starts an incident. docs/incidents.md lists the rules,
+where each shape comes from and the corpus they are measured on. Pure code: no Twisted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+#: Incident kinds, most severe first.
+KINDS = ("crash", "oops", "bug", "warning", "error")
+
+# Tempesta FW's modules prefix their messages with "[tempesta <module>] " (lib/log.h: BANNER is
+# "fw", "tls", ...), older versions with "[tempesta] ", Tempesta DB with "[tdb] "; T_ERR adds
+# "ERROR: ", T_WARN "Warning: ". The System Verification Script's "[tempesta sc]" lines are
+# reports of its checks, not module errors.
+_TEMPESTA = r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] "
+
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+#: The built-in rules, tried in this order (the first that matches names the incident):
+#: (rule, kind, the characters a matching line can start with, pattern matched at its start).
+RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("sysrq-crash", "crash", "sS", r"(?:sysrq: |SysRq : )Trigger a crash"),
+    ("kernel-panic", "crash", "K", r"Kernel panic\b"),
+    # die()'s header on x86, "<trap>: <error code> [#<count>]", "Oops: " before it from 6.10.
+    (
+        "trap",
+        "oops",
+        _LOWER + "O",
+        r"(?:Oops: )?[a-z][a-z0-9 ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
+    ),
+    ("oops", "oops", "O", r"Oops(?::| -| \[#)"),
+    ("internal-error", "oops", "I", r"Internal error: "),
+    ("unable-to-handle", "oops", "U", r"Unable to handle kernel "),
+    (
+        "arm64-exception",
+        "oops",
+        "SB",
+        r"(?:SError Interrupt on CPU\d|Bad mode in .+ handler detected)",
+    ),
+    ("kernel-bug", "bug", "kK", r"[Kk]ernel BUG at "),
+    ("soft-lockup", "bug", "NwB", r"(?:(?:NMI )?watchdog: )?BUG: soft lockup\b"),
+    (
+        "hard-lockup",
+        "bug",
+        "NwCW",
+        r"(?:(?:NMI )?watchdog: )?(?:CPU\d+: )?(?:Watchdog detected hard LOCKUP"
+        r"|Watchdog CPU:\d+ (?:detected )?Hard LOCKUP)",
+    ),
+    ("kasan", "bug", "B", r"BUG: KASAN: "),
+    ("kfence", "bug", "B", r"BUG: KFENCE: "),
+    ("page-fault", "bug", "B", r"BUG: (?:kernel NULL pointer dereference|unable to handle )"),
+    ("atomic-sleep", "bug", "B", r"BUG: (?:sleeping function called|scheduling while atomic)"),
+    ("workqueue-lockup", "bug", "B", r"BUG: workqueue lockup\b"),
+    ("bug", "bug", "B", r"BUG: "),
+    # SLUB's debug reports: "BUG kmalloc-128 (Not tainted): Redzone overwritten".
+    ("slab-corruption", "bug", "B", r"BUG [\w.:-]+ \((?:Not tainted|Tainted: [^)]*)\): "),
+    ("ubsan", "bug", "U", r"UBSAN: "),
+    ("hung-task", "bug", "I", r"INFO: task .+ blocked (?:in I/O wait )?for more than \d+ seconds"),
+    (
+        "rcu-stall",
+        "bug",
+        "rI",
+        r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b",
+    ),
+    ("tempesta-error", "error", "[", _TEMPESTA + r"(?:ERROR|Error): "),
+    ("tempesta-warning", "warning", "[", _TEMPESTA + r"(?:Warning|WARNING): "),
+    ("kernel-warning", "warning", "W", r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )"),
+    (
+        "lockdep",
+        "warning",
+        "W[",
+        r"(?:WARNING: |\[ INFO: )(?:possible (?:circular locking dependency|recursive locking"
+        r"|irq lock inversion dependency)|inconsistent lock state|bad unlock balance"
+        r"|held lock freed|lock held when returning to user space|nested lock was not taken"
+        r"|\S+-safe -> \S+-unsafe lock order)",
+    ),
+    ("suspicious-rcu", "warning", "W[", r"(?:WARNING: |\[ INFO: )suspicious RCU usage"),
+    # The vendor's check that the whole path works: echo "WARNING test message" > /dev/kmsg.
+    ("test-message", "warning", "W", r"WARNING test message\b"),
+    ("warning", "warning", "W", r"WARNING\b"),
+)
+
+# With CONFIG_PRINTK_CALLER the console puts "[  T123] " or "[    C1] " after the time stamp.
+_CALLER = re.compile(r"\[\s*[TC]\d+\] ?")
+_END_MARKER = re.compile(r"-{2,}\[ end (?:trace\b|Kernel panic\b)")
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """An incident line: its kind (one of KINDS) and the rule that matched."""
+
+    kind: str
+    rule: str
+    ends_trace: bool = False
+
+
+def _by_first_character() -> dict[str, tuple[re.Pattern, tuple[Detection, ...]]]:
+    # Per first character, one alternation of the rules a line starting with it can match, one
+    # group per rule: a dictionary look-up rejects most lines (call traces start with a space),
+    # and one match() call decides the rest.
+    rules: dict[str, list[tuple[str, str, str]]] = {}
+    for rule, kind, first, pattern in RULES:
+        for character in first:
+            rules.setdefault(character, []).append((rule, kind, pattern))
+    return {
+        character: (
+            re.compile("|".join(f"({pattern})" for _, _, pattern in group)),
+            tuple(Detection(kind, rule) for rule, kind, _ in group),
+        )
+        for character, group in rules.items()
+    }
+
+
+_DISPATCH = _by_first_character()
+
+
+def _without_caller(text: str) -> str:
+    if text.startswith("[") and (caller := _CALLER.match(text)):
+        return text[caller.end() :]
+    return text
+
+
+def _builtin(text: str) -> Detection | None:
+    # _without_caller inlined: this runs on every line received.
+    if text.startswith("[") and (caller := _CALLER.match(text)):
+        text = text[caller.end() :]
+    entry = _DISPATCH.get(text[:1])
+    if entry is None:
+        return None
+    m = entry[0].match(text)
+    return None if m is None else entry[1][m.lastindex - 1]
+
+
+class Rules:
+    """The built-in rules plus the config's extra and ignore patterns."""
+
+    def __init__(self, extra: Iterable[tuple[str, str]] = (), ignore: Iterable[str] = ()) -> None:
+        extras = []
+        for number, (kind, pattern) in enumerate(extra, 1):
+            if kind not in KINDS:
+                raise ValueError(f"incident kind {kind!r} is not one of {', '.join(KINDS)}")
+            extras.append((re.compile(pattern), Detection(kind, f"extra-{number}")))
+        self._extra = tuple(extras)
+        self._ignore = tuple(re.compile(pattern) for pattern in ignore)
+
+    def detect(self, text: str) -> Detection | None:
+        """The incident a log line starts, or None.
+
+        `text` is one kernel log line without the console's time stamp, as the decoder gives it.
+        """
+        for pattern, detection in self._extra:
+            if pattern.search(text):
+                found = detection
+                break
+        else:
+            found = _builtin(text)
+        # Ignore patterns win; they are only worth running on the rare line that matched.
+        if found is not None and any(pattern.search(text) for pattern in self._ignore):
+            return None
+        return found
+
+
+def is_end_marker(text: str) -> bool:
+    """True for the line that closes a trace: '---[ end trace ...]---', '---[ end Kernel panic'."""
+    return _END_MARKER.match(_without_caller(text)) is not None
+
+
+# What varies between repeats of one incident, masked; source locations are kept whole because
+# they name the call site (two WARN_ONs in one file differ only by line).
+_VARYING = re.compile(
+    r"(?P<keep>(?<![\w.+/-])[\w.+/-]*\.(?:c|h|S|rs):\d+(?::\d+)?)"
+    r"|(?P<comm>\[[^\[\]\s]+:\d+\])"  # [comm:pid] of lockup reports
+    r"|(?P<cpu>CPU#\d+: .*$)"  # "..., CPU#1: comm/pid" ending newer WARNING lines
+    r"|(?P<hex>0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b)"
+    r"|(?P<num>(?<!\w)\d+)"
+)
+_MASKS = {"comm": "[COMM]", "cpu": "CPU#N: COMM", "hex": "X", "num": "N"}
+_SPACES = re.compile(r"\s+")
+#: Longest line part a signature keeps; past it, repeats are told apart by the beginning.
+SIGNATURE_CHARS = 512
+
+
+def _mask(m: re.Match) -> str:
+    group = m.lastgroup
+    if group == "keep":
+        return m.group()
+    if group == "hex" and m.group().startswith("0x"):
+        return "0xX"
+    return _MASKS[group]
+
+
+def signature(kind: str, text: str) -> str:
+    """The kind plus the line with numbers, addresses, CPUs, PIDs and task names masked.
+
+    The same warning from another CPU, task or address has the same signature, so repeats fold.
+    """
+    masked = _VARYING.sub(_mask, _without_caller(text)[: SIGNATURE_CHARS * 4])
+    masked = _SPACES.sub(" ", masked).strip()[:SIGNATURE_CHARS]
+    return f"{kind}: {masked}"

@@ -1,0 +1,153 @@
+"""Settle windows and cooldown, with a task.Clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.incidents import Rules
+from tempesta_ts.report import build_report
+from tempesta_ts.tracker import IncidentTracker
+from tests.captures import datagrams
+
+HOST = "192.0.2.10"
+WARNING = b"[   10.000000] WARNING: CPU: %d PID: %d at net/core/dev.c:123 dev_queue_xmit+0x1/0x2\n"
+
+
+class TrackerTests(unittest.TestCase):
+    """What is detected becomes one report per window, at the right time."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.stats = Counter()
+        self.registry = BufferRegistry(10, 10_000, 10_000_000, self.stats)
+        self.reports = []
+        self.tracker = IncidentTracker(
+            Rules(),
+            self.clock,
+            settle_seconds=5.0,
+            cooldown_seconds=300.0,
+            make_report=self.make_report,
+            submit=self.submit,
+            stats=self.stats,
+        )
+        self.registry.observers.append(self.tracker.lines_added)
+        self.registry.evicted.append(self.tracker.forget)
+
+    def make_report(self, instance, incidents, suppressed):
+        return build_report(
+            instance=instance,
+            incidents=incidents,
+            suppressed=suppressed,
+            client_id="c",
+            hostname="ts",
+            version="0",
+            now=self.clock.seconds(),
+        )
+
+    def submit(self, report):
+        self.reports.append(report)
+        return defer.succeed(report)
+
+    def send(self, data: bytes, host: str = HOST):
+        self.registry.receive_datagram(host, data, self.clock.seconds())
+
+    def test_report_waits_for_quiet_and_holds_the_whole_trace(self):
+        self.send(WARNING % (1, 42))
+        self.clock.advance(4)
+        self.send(b"[   10.100000] Call Trace:\n")
+        self.clock.advance(4)
+        self.send(b"[   10.200000]  dump_stack+0x1/0x2\n")
+        self.clock.advance(4.9)
+        self.assertEqual(self.reports, [])
+        self.clock.advance(0.1)
+        (report,) = self.reports
+        self.assertEqual([i["kind"] for i in report["incidents"]], ["warning"])
+        self.assertEqual([e["text"] for e in report["log"]][-2:], ["Call Trace:", " dump_stack+0x1/0x2"])
+
+    def test_end_marker_sends_at_once(self):
+        self.send(WARNING % (1, 42))
+        self.send(b"[   10.300000] ---[ end trace 0000000000000000 ]---\n")
+        self.assertEqual(len(self.reports), 1)
+        self.assertEqual(self.tracker.open_windows, 0)
+
+    def test_chatty_instance_cannot_hold_its_report_forever(self):
+        self.send(WARNING % (1, 42))
+        for _ in range(100):
+            self.clock.advance(1)
+            self.send(b"[   11.000000] still talking\n")
+        self.assertEqual(len(self.reports), 1)
+
+    def test_incidents_within_one_window_make_one_report(self):
+        self.send(WARNING % (1, 42))
+        self.send(b"[   10.500000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+        self.clock.advance(5)
+        (report,) = self.reports
+        self.assertEqual([i["kind"] for i in report["incidents"]], ["warning", "bug"])
+
+    def test_same_warning_within_cooldown_is_folded_into_the_next_report(self):
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.send(WARNING % (3, 77))
+        self.clock.advance(5)
+        self.send(WARNING % (0, 99))
+        self.clock.advance(5)
+        self.assertEqual(len(self.reports), 1)
+        self.send(b"[   20.000000] BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:0]\n")
+        self.clock.advance(5)
+        self.assertEqual(len(self.reports), 2)
+        self.assertEqual(self.reports[1]["suppressed_incidents"], 2)
+
+    def test_same_warning_after_cooldown_is_reported_again(self):
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.clock.advance(300)
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.assertEqual(len(self.reports), 2)
+
+    def test_crashes_are_never_suppressed(self):
+        for _ in range(3):
+            self.send(b"[    1.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+            self.clock.advance(5)
+        self.assertEqual(len(self.reports), 3)
+
+    def test_instances_have_their_own_windows(self):
+        self.send(WARNING % (1, 42), host="192.0.2.1")
+        self.send(WARNING % (1, 42), host="192.0.2.2")
+        self.clock.advance(5)
+        self.assertEqual(sorted(r["instance"]["address"] for r in self.reports), ["192.0.2.1", "192.0.2.2"])
+
+    def test_close_all_reports_open_windows_at_once(self):
+        self.send(WARNING % (1, 42))
+        d = self.tracker.close_all()
+        self.assertEqual(len(self.reports), 1)
+        self.successResultOf(d)
+
+    def test_evicted_instance_is_reported_before_it_goes(self):
+        self.registry.max_instances = 1
+        self.send(WARNING % (1, 42), host="192.0.2.1")
+        self.send(b"hello\n", host="192.0.2.2")
+        self.assertEqual([r["instance"]["address"] for r in self.reports], ["192.0.2.1"])
+
+    def test_real_panic_capture_gives_one_crash_report_with_the_whole_trace(self):
+        for gram in datagrams("extended-sysrq-crash.txt"):
+            self.send(gram)
+        self.clock.advance(5)
+        (report,) = self.reports
+        kinds = [i["kind"] for i in report["incidents"]]
+        self.assertEqual(kinds[0], "crash")
+        texts = [e["text"] for e in report["log"]]
+        self.assertIn("Kernel panic - not syncing: sysrq triggered crash", texts)
+        self.assertEqual(texts[-1], "Rebooting in 1 seconds..")
+
+    def test_vendor_test_warning_is_reported(self):
+        for gram in datagrams("plain-boot-and-warning.txt"):
+            self.send(gram)
+        self.clock.advance(5)
+        (report,) = self.reports
+        self.assertEqual(report["incidents"][0]["line"], "WARNING test message")
+        self.assertEqual(report["incidents"][0]["kind"], "warning")
