@@ -6,6 +6,7 @@ $TS_KERNEL_CACHE by tests/kernel/kernel-netconsole.sh --prepare); skips without 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,17 @@ SERVER_START_SECONDS = 30
 GUEST_SECONDS = 260  # the script bounds QEMU itself to 240 s
 SERVER_STOP_SECONDS = 30
 PREPARE_SECONDS = 240
+
+
+def local_reports(spool: str) -> list[dict]:
+    """The reports a stand-alone server wrote, oldest first."""
+    local = os.path.join(spool, "local")
+    names = sorted(os.listdir(local)) if os.path.isdir(local) else []
+    reports = []
+    for name in names:
+        with open(os.path.join(local, name), encoding="utf-8") as f:
+            reports.append(json.load(f))
+    return reports
 
 
 class KernelNetconsoleTests(unittest.TestCase):
@@ -100,21 +112,24 @@ class KernelNetconsoleTests(unittest.TestCase):
         yield run(ip, "netns", "del", name)
 
     @defer.inlineCallbacks
-    def _boot_hello(self, *script_flags: str):
-        """Run the hello scenario against a server in a fresh namespace: (its output, console)."""
+    def _boot(self, scenario: str, *script_flags: str):
+        """Run a scenario against a stand-alone server in a fresh namespace.
+
+        Returns the server's output lines, the guest console's path and the reports written.
+        """
         namespace = yield self._namespace()
         tmp = os.path.abspath(self.mktemp())
         os.makedirs(tmp)
         server = self._spawn("server", [
             shutil.which("ip"), "netns", "exec", namespace, *TWISTD, "-n", "--pidfile=",
             "tempesta-ts", "--host", "127.0.0.1", "--port", str(PORT), "--log-level", "debug",
-            "--spool-dir", os.path.join(tmp, "spool"),
+            "--spool-dir", os.path.join(tmp, "spool"), "--settle-seconds", "1",
         ])
         yield server.line_containing(STARTED, SERVER_START_SECONDS)
         console = os.path.join(tmp, "console.log")
         guest = self._spawn("kernel-netconsole.sh", [
             "/bin/bash", SCRIPT, "--netns", namespace, "--port", str(PORT),
-            "--scenario", "hello", "--console", console, *script_flags,
+            "--scenario", scenario, "--console", console, *script_flags,
         ], env={"TS_KERNEL_NO_INSTALL": "1"})
         reason = yield guest.ended(GUEST_SECONDS)
         self.assertIsInstance(reason, error.ProcessDone, f"the script failed:\n{guest.tail()}")
@@ -124,7 +139,7 @@ class KernelNetconsoleTests(unittest.TestCase):
         # twistd (Twisted 24.7+) ends by re-raising the signal that stopped it.
         stopped = reason.exitCode == 0 or reason.signal == signal.SIGTERM
         self.assertTrue(stopped, f"the server did not stop cleanly ({reason}):\n{server.tail()}")
-        return server.lines, console
+        return server.lines, console, local_reports(os.path.join(tmp, "spool"))
 
     def assert_hello_logged_once_in_order(self, output: list[str], console: str) -> None:
         """The boot line and the three hello lines, once each, in order, from one instance."""
@@ -145,10 +160,30 @@ class KernelNetconsoleTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_plain_netconsole_lines_reach_the_buffers_once_in_order(self):
-        output, console = yield self._boot_hello()
+        output, console, reports = yield self._boot("hello")
         self.assert_hello_logged_once_in_order(output, console)
+        self.assert_one_report(reports, "warning", "WARNING test message")
 
     @defer.inlineCallbacks
     def test_extended_netconsole_lines_reach_the_buffers_once_in_order(self):
-        output, console = yield self._boot_hello("--extended")
+        output, console, reports = yield self._boot("hello", "--extended")
         self.assert_hello_logged_once_in_order(output, console)
+        self.assert_one_report(reports, "warning", "WARNING test message")
+
+    @defer.inlineCallbacks
+    def test_kernel_panic_gives_one_report_with_the_whole_trace(self):
+        output, console, reports = yield self._boot("crash")
+        report = self.assert_one_report(reports, "crash", "Kernel panic - not syncing: sysrq triggered crash")
+        texts = [entry["text"] for entry in report["log"]]
+        self.assertTrue(texts[0].startswith("Linux version "), texts[:3])
+        self.assertIn("Call Trace:", [t.strip() for t in texts])
+        # With panic=1 the trace ends with the reboot notice: nothing after the panic is cut.
+        self.assertTrue(any(t.startswith("Rebooting in") for t in texts), texts[-5:])
+
+    def assert_one_report(self, reports: list[dict], kind: str, line: str) -> dict:
+        """Exactly one report, whose incidents include `line` and start with `kind`."""
+        self.assertEqual(len(reports), 1, [r["incidents"] for r in reports])
+        (report,) = reports
+        self.assertEqual(report["incidents"][0]["kind"], kind, report["incidents"])
+        self.assertIn(line, [i["line"] for i in report["incidents"]])
+        return report
