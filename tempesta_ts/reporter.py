@@ -71,6 +71,8 @@ _NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z-([A-Za-z0-9_-]{1,128})\.json\Z")
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
+#: How many ended reports the reporter remembers for the status page.
+MAX_OUTCOMES = 4096
 
 
 class SpoolError(StartupError):
@@ -673,6 +675,8 @@ class Reporter(service.Service):
         #: The last failure, one line; None once a report is delivered again.
         self.last_error: str | None = None
         self._states: dict[str, DeliveryState] = {}
+        #: How recent reports ended (delivered, rejected, written), newest last, bounded.
+        self._outcomes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._in_flight: dict[str, _Attempt] = {}
         self._wakeup = None
         self._pumping = False
@@ -723,6 +727,18 @@ class Reporter(service.Service):
     def states(self) -> Mapping[str, DeliveryState]:
         """Delivery state of every report pending, by report_id."""
         return dict(self._states)
+
+    def state_of(self, report_id: str) -> str:
+        """One word for a report: pending, delivered, rejected, written, or unknown (dropped
+        from the spool, or ended too long ago to remember)."""
+        if report_id in self._states or self.spool.get(report_id) is not None:
+            return "pending"
+        return self._outcomes.get(report_id, "unknown")
+
+    def _ended(self, report_id: str, outcome: str) -> None:
+        self._outcomes[report_id] = outcome
+        while len(self._outcomes) > MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
 
     @property
     def in_flight(self) -> int:
@@ -809,6 +825,7 @@ class Reporter(service.Service):
             return defer.fail()
         if self.config.standalone:
             self.stats["reports_written_local"] += 1
+            self._ended(report_id, "written")
             self.log.info(
                 "Report {report_id} written to {path} (stand-alone: no support_host)",
                 report_id=report_id,
@@ -981,6 +998,7 @@ class Reporter(service.Service):
                            reason=e.strerror)
             self.spool.forget(entry)
         self.stats["reports_delivered"] += 1
+        self._ended(entry.report_id, "delivered")
         latency = now - entry.created
         if self._failing:
             self._failing = False
@@ -1004,6 +1022,7 @@ class Reporter(service.Service):
         self._states.pop(entry.report_id, None)
         path = self.spool.reject(entry)
         self.stats["reports_rejected"] += 1
+        self._ended(entry.report_id, "rejected")
         self.last_error = f"HTTP {status}: report {entry.report_id} rejected"
         self.log.error(
             "The Support Server rejected report {report_id} with HTTP {status}: {answer}; "

@@ -11,6 +11,7 @@ are never suppressed.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -30,6 +31,16 @@ MAX_WINDOW_FACTOR = 10
 MAX_WINDOW_SECONDS = 300.0
 #: Cooldown entries kept per instance (distinct signatures), the oldest forgotten first.
 MAX_SIGNATURES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LastIncident:
+    """An instance's latest incident and the report it went into (None while settling, or
+    when it was folded into a later report by the cooldown)."""
+
+    incident: Incident
+    report_id: str | None = None
+    suppressed: bool = False
 
 
 class _Window:
@@ -77,8 +88,8 @@ class IncidentTracker:
         self._suppressed: Counter = Counter()
         self._pending: set[Deferred] = set()
         self._throttle = Throttle(60.0)
-        #: Called with (instance, incidents) when an incident is detected; for the status page.
-        self.on_incident: Callable[[Instance, Incident], None] | None = None
+        #: address -> the instance's latest incident, for the status page.
+        self.last_incidents: dict[str, LastIncident] = {}
 
     @property
     def open_windows(self) -> int:
@@ -100,6 +111,7 @@ class IncidentTracker:
             self._close(instance.address)
         self._reported.pop(instance.address, None)
         self._suppressed.pop(instance.address, None)
+        self.last_incidents.pop(instance.address, None)
 
     def close_all(self) -> Deferred:
         """Report every open window now (at shutdown); fires once all reports are on disk."""
@@ -130,14 +142,14 @@ class IncidentTracker:
         sig = signature(kind, line.text)
         self.stats[f"incidents_{kind}"] += 1
         incident = Incident(kind, line, detection.rule, sig)
-        if self.on_incident is not None:
-            self.on_incident(instance, incident)
         if kind not in NEVER_SUPPRESSED:
             last = self._reported.get(instance.address, {}).get(sig)
             if last is not None and now - last < self.cooldown:
                 self._suppressed[instance.address] += 1
                 self.stats["incidents_suppressed"] += 1
+                self.last_incidents[instance.address] = LastIncident(incident, suppressed=True)
                 return window
+        self.last_incidents[instance.address] = LastIncident(incident)
         if window is None:
             window = self._windows[instance.address] = _Window(instance, now)
             self.log.info(
@@ -176,6 +188,9 @@ class IncidentTracker:
         now = self.clock.seconds()
         suppressed = self._suppressed.pop(address, 0) + window.folded
         report = self.make_report(window.instance, window.incidents, suppressed)
+        last = self.last_incidents.get(address)
+        if last is not None and not last.suppressed and last.report_id is None:
+            self.last_incidents[address] = replace(last, report_id=report["report_id"])
         reported = self._reported.setdefault(address, {})
         for incident in window.incidents:
             reported.pop(incident.signature, None)

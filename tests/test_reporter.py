@@ -255,6 +255,7 @@ class RetryTests(ReporterTestCase):
         entry = self.submit(rep, report(7))
         self.assertEqual(len(self.support.requests), 1)
         self.assertEqual(rep.states[entry.report_id].last_status, 503)
+        self.assertEqual(rep.state_of(entry.report_id), "pending")
         self.assertEqual(rep.last_error, "HTTP 503 from the Support Server")
         self.advance(1.0)  # first backoff: full jitter up to 1 s
         self.assertEqual(len(self.support.requests), 2)
@@ -267,6 +268,8 @@ class RetryTests(ReporterTestCase):
         self.assertEqual(self.pending_files(), [])
         self.assertIsNone(rep.last_error)
         self.assertEqual(rep.states, {})
+        self.assertEqual(rep.state_of(entry.report_id), "delivered")
+        self.assertEqual(rep.state_of("never-seen"), "unknown")
 
     def test_backoff_doubles_with_full_jitter_up_to_the_cap(self):
         support = FakeSupport()
@@ -387,6 +390,7 @@ class RejectionTests(ReporterTestCase):
             rep = self.reporter(FakeSupport([Answer(status, body=body)]))
             entry = self.submit(rep, report(number))
             self.assertEqual(self.stats["reports_rejected"], number + 1)
+            self.assertEqual(rep.state_of(entry.report_id), "rejected")
             self.assertIn(os.path.basename(entry.path),
                           os.listdir(os.path.join(self.spool_dir, "rejected")))
             self.assertNotIn(os.path.basename(entry.path), self.pending_files())
@@ -513,6 +517,7 @@ class FlowTests(ReporterTestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), encode_report(report(9)))
         self.assertEqual(self.stats["reports_written_local"], 1)
+        self.assertEqual(rep.state_of(report(9)["report_id"]), "written")
         self.assertIsNone(rep._pool)
         self.assertTrue(any(path in t for t in self.texts(LogLevel.info)))
         self.assertEqual(self.pending_files(), [])

@@ -151,3 +151,20 @@ class TrackerTests(unittest.TestCase):
         (report,) = self.reports
         self.assertEqual(report["incidents"][0]["line"], "WARNING test message")
         self.assertEqual(report["incidents"][0]["kind"], "warning")
+
+
+class LastIncidentTests(TrackerTests):
+    """The status page's view: each instance's latest incident and its report."""
+
+    def test_latest_incident_names_its_report_once_sent(self):
+        self.send(WARNING % (1, 42))
+        last = self.tracker.last_incidents[HOST]
+        self.assertEqual((last.incident.kind, last.report_id), ("warning", None))
+        self.clock.advance(5)
+        self.assertEqual(self.tracker.last_incidents[HOST].report_id, self.reports[0]["report_id"])
+
+    def test_folded_incident_is_shown_as_suppressed(self):
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.send(WARNING % (2, 43))
+        self.assertTrue(self.tracker.last_incidents[HOST].suppressed)
