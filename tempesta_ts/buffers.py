@@ -199,6 +199,13 @@ class BufferRegistry:
             callback(instance)
 
     @property
+    def pending_messages(self) -> int:
+        """Fragmented messages waiting for the rest of their fragments, all instances."""
+        # Only instances in _waiting can have any: a scrape does not walk the whole registry.
+        instances = self._instances
+        return sum(instances[a].decoder.pending_messages for a in self._waiting if a in instances)
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes of log text held across all instances."""
         return sum(i.buffer.bytes for i in self._instances.values())

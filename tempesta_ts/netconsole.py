@@ -255,6 +255,11 @@ class Decoder:
         return self.sequence.lost
 
     @property
+    def pending_messages(self) -> int:
+        """Fragmented messages waiting for the rest of their fragments."""
+        return len(self._pending)
+
+    @property
     def has_pending(self) -> bool:
         """True while a partial line or an unfinished fragmented message waits for time."""
         return bool(self._partial or self._pending)

@@ -12,6 +12,7 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 
 from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
@@ -28,6 +29,7 @@ from tempesta_ts.sysinfo import SystemInfoFactory
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import NetconsoleProtocol
+from tempesta_ts.web import WebService
 
 #: How often waiting partial lines and fragments are looked at.
 EXPIRE_INTERVAL = 0.25
@@ -124,21 +126,32 @@ class ListenerService(service.Service):
         return gatherResults([maybeDeferred(p.stopListening) for p in ports])
 
 
-def describe_listen_error(proto: str, host: str, port: int, error: BaseException) -> str:
+def describe_listen_error(
+    proto: str,
+    host: str,
+    port: int,
+    error: BaseException,
+    *,
+    host_flag: str = "--host",
+    port_flag: str = "--port",
+) -> str:
     """One line that says why a listener could not bind and what to do."""
     code = getattr(error, "errno", None)
     where = f"cannot listen on {proto} {host}:{port}"
     if code == errno.EADDRINUSE:
-        return f"{where}: the port is in use by another program; stop it or choose another --port"
+        return (
+            f"{where}: the port is in use by another program; stop it or choose another "
+            f"{port_flag}"
+        )
     if code == errno.EACCES:
         return (
             f"{where}: permission denied; ports below 1024 need root or "
             "CAP_NET_BIND_SERVICE, or choose a port of 1024 or more"
         )
     if code == errno.EADDRNOTAVAIL:
-        return f"{where}: no interface has this address; set --host to one of this machine's"
+        return f"{where}: no interface has this address; set {host_flag} to one of this machine's"
     if isinstance(error, socket.gaierror):
-        return f"{where}: the host does not resolve; set --host to an IP address"
+        return f"{where}: the host does not resolve; set {host_flag} to an IP address"
     return f"{where}: {error}"
 
 
@@ -146,6 +159,7 @@ class TroubleshootingService(service.MultiService):
     """The whole tempesta-ts server."""
 
     log = get_logger(__name__)
+    announcements = Logger(namespace=__name__)
 
     def __init__(self, config: Config, reactor, http_client=None) -> None:
         super().__init__()
@@ -177,6 +191,12 @@ class TroubleshootingService(service.MultiService):
         self.registry_service.setServiceParent(self)
         self.listeners = ListenerService(reactor, config.host, config.port, self.udp, self.tcp)
         self.listeners.setServiceParent(self)
+        # After the listeners: a failure to bind the main port is reported first.
+        self.web: WebService | None = None
+        if config.metrics_port:
+            self.web = WebService(self, reactor, config.metrics_host, config.metrics_port)
+            self.web.setServiceParent(self)
+            self.reporter.on_delivered = self.web.collector.delivered
         if config.log_level == "debug":
             self.registry.observers.append(self._log_lines)
         self.registry.observers.append(self.tracker.lines_added)
@@ -186,10 +206,12 @@ class TroubleshootingService(service.MultiService):
 
     @inlineCallbacks
     def stopService(self):
-        """Listeners off, waiting lines completed, open incidents reported, then delivery ends.
+        """Listeners off, waiting lines completed, open incidents reported, then delivery ends;
+        the web endpoint last.
 
         MultiService would stop its children all at once; nothing accepted may be lost, so the
-        order is explicit.
+        order is explicit. The web endpoint outlives the rest so that /healthz says 503 while
+        the server drains and /metrics shows the last reports leaving the spool.
         """
         if not self.running:
             return
@@ -198,6 +220,8 @@ class TroubleshootingService(service.MultiService):
         yield self.registry_service.stopService()
         yield self.tracker.close_all()
         yield self.reporter.stopService()
+        if self.web is not None:
+            yield self.web.stopService()
 
     def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
         return build_report(
@@ -219,7 +243,8 @@ class TroubleshootingService(service.MultiService):
     def _announce(self) -> None:
         if not self.running:
             return
-        self.log.info(self.summary())
+        # The one start-up line is shown whatever log_level filters (operators grep for it).
+        self.announcements.info(self.summary())
         if self.config.skip_ssl_verification and not self.config.standalone:
             self.log.warn(
                 "skip_ssl_verification is set: the Support Server's certificate is not checked, "
@@ -252,12 +277,17 @@ class TroubleshootingService(service.MultiService):
                 tls = f"TLS: verified against {c.support_ca_file}"
             else:
                 tls = "TLS: verified against the system trust store"
+        metrics = (
+            f"metrics on {self.web.url}/metrics (status on /status)"
+            if self.web is not None
+            else "metrics off"
+        )
         sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
         waiting = self.reporter.spool.count
         spool = f"{waiting} reports wait in the spool" if waiting else "spool empty"
         return (
             f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}; {rcvbuf}; "
-            f"{target}; {tls}; {spool}; accepting {sources}; log level {c.log_level}"
+            f"{target}; {tls}; {spool}; accepting {sources}; {metrics}; log level {c.log_level}"
         )
 
     def _log_lines(self, instance: Instance, lines: Sequence[LogLine]) -> None:

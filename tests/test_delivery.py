@@ -57,6 +57,7 @@ class DeliveryTests(unittest.TestCase):
             support_client_id="my-app-id",
             support_api_key=KEY,
             support_ca_file=certs.ca_file,
+            metrics_port=0,
         )
         self.svc = TroubleshootingService(config, reactor)
         self.svc.privilegedStartService()

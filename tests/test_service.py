@@ -27,6 +27,8 @@ class ServiceTests(unittest.TestCase):
     """Datagrams from several sources and a TCP document reach the right buffers."""
 
     def start(self, **settings) -> TroubleshootingService:
+        # No web endpoint: its default port is fixed (tests/test_web.py covers it).
+        settings.setdefault("metrics_port", 0)
         config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(), **settings)
         svc = TroubleshootingService(config, reactor)
         svc.privilegedStartService()

@@ -21,7 +21,8 @@ class TwistdTests(unittest.TestCase):
     """The real twistd process."""
 
     def twistd(self, *argv: str):
-        return spawn(self, "twistd", [*TWISTD, "-n", "--pidfile=", "tempesta-ts", *argv])
+        # --metrics-port 0: a server of the operator's on the default port must not matter.
+        return spawn(self, "twistd", [*TWISTD, "-n", "--pidfile=", "tempesta-ts", "--metrics-port", "0", *argv])
 
     @defer.inlineCallbacks
     def refused(self, *argv: str) -> defer.Deferred:
@@ -52,6 +53,14 @@ class TwistdTests(unittest.TestCase):
         # twistd ends by the signal that stopped it, which systemd counts as a clean stop.
         self.assertEqual(reason.signal, signal.SIGTERM, child.tail())
         self.assertIn("Server Shut Down.", "\n".join(child.lines))
+
+    @defer.inlineCallbacks
+    def test_start_up_line_shows_whatever_the_log_level(self):
+        spool = os.path.abspath(self.mktemp())
+        child = self.twistd("--port", "0", "--host", "127.0.0.1", "--spool-dir", spool, "--log-level", "error")
+        yield child.line_containing(STARTED, SECONDS)
+        child.transport.signalProcess("TERM")
+        yield child.ended(SECONDS)
 
     @defer.inlineCallbacks
     def test_unknown_key_stops_the_start_naming_the_closest_key(self):

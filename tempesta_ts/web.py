@@ -1,0 +1,484 @@
+"""The operator's HTTP endpoint: /metrics, /status, /status.json and /healthz.
+
+Every page is rendered synchronously from the server's state at request time, so a scrape costs
+nothing between scrapes. Log lines come from the wire: the HTML page escapes everything.
+"""
+
+from __future__ import annotations
+
+import heapq
+import html
+import ipaddress
+import json
+from typing import Any
+
+from prometheus_client.exposition import choose_encoder
+from twisted.application import service
+from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.web import resource, server
+
+from tempesta_ts import __version__
+from tempesta_ts.buffers import Instance
+from tempesta_ts.errors import StartupError
+from tempesta_ts.log import get_logger
+from tempesta_ts.metrics import KNOWN_STATS, ServerCollector, make_registry
+from tempesta_ts.report import iso
+from tempesta_ts.tracker import LastIncident
+
+#: Instances listed on the HTML page, most recently seen first; /status.json lists all.
+MAX_ROWS = 500
+#: Characters of an incident line on the HTML page.
+HTML_LINE_CHARS = 300
+#: Characters of an incident line in /status.json (the kernel's lines are under 1 KiB; this
+#: bounds what a forged one costs when 10,000 instances are listed).
+JSON_LINE_CHARS = 4096
+
+_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-content-type-options": b"nosniff",
+    # No script, no external asset: even an escaping bug could not run anything.
+    b"content-security-policy": b"default-src 'none'; style-src 'unsafe-inline'",
+}
+
+
+def _respond(request, content_type: str, body: str | bytes, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type.encode("ascii"))
+    for name, value in _HEADERS.items():
+        request.setHeader(name, value)
+    return body.encode("utf-8") if isinstance(body, str) else body
+
+
+# --- what the pages show -------------------------------------------------------------------
+
+
+def report_state(last: LastIncident, reporter) -> str:
+    """settling, folded, or the reporter's word for the report the incident went into."""
+    if last.suppressed:
+        return "folded"
+    if last.report_id is None:
+        return "settling"
+    return reporter.state_of(last.report_id)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def instance_status(instance: Instance, tracker, reporter) -> dict[str, Any]:
+    """One instance as /status.json lists it."""
+    info = instance.system_info
+    last = tracker.last_incidents.get(instance.address)
+    return {
+        "address": instance.address,
+        "kernel_release": instance.kernel_release,
+        "first_seen": iso(instance.first_seen),
+        "last_seen": iso(instance.last_seen),
+        "lines": len(instance.buffer),
+        "bytes": instance.buffer.bytes,
+        "lines_pushed_out": instance.buffer.dropped,
+        "lost_messages": instance.lost_messages,
+        "system_info": (
+            None
+            if info is None
+            else {"received_at": iso(info.received_at), "size": info.size, "format": info.format}
+        ),
+        "last_incident": (
+            None
+            if last is None
+            else {
+                "kind": last.incident.kind,
+                "line": _clip(last.incident.line.text, JSON_LINE_CHARS),
+                "received_at": iso(last.incident.line.received_at),
+                "report_id": last.report_id,
+                "report_state": report_state(last, reporter),
+            }
+        ),
+    }
+
+
+def _address_key(address: str) -> tuple:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0, address)
+    return (ip.version, int(ip), address)
+
+
+def support_url(config) -> str | None:
+    """Where reports go, as a URL to show; None when stand-alone."""
+    if config.standalone:
+        return None
+    host = config.support_host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"https://{host}:{config.support_port}{config.support_path}"
+
+
+def is_healthy(server) -> bool:
+    """The server runs and both listeners are up."""
+    listeners = server.listeners
+    up = listeners.udp_port is not None and listeners.tcp_port is not None
+    return bool(server.running) and up
+
+
+def listening_address(server) -> tuple[str, int]:
+    """Where the listeners are bound, or configured to bind while they are down."""
+    listeners = server.listeners
+    if listeners.udp_port is not None:
+        return listeners.address
+    return listeners.host, listeners.port
+
+
+def counters(stats) -> dict[str, int]:
+    """Every stats key, known ones at 0 before they are first counted, sorted."""
+    merged = dict.fromkeys(KNOWN_STATS, 0)
+    merged.update(stats)
+    return dict(sorted(merged.items()))
+
+
+def spool_status(server) -> dict[str, Any]:
+    """The spool and delivery, as /status.json shows them."""
+    reporter = server.reporter
+    spool = reporter.spool
+    return {
+        "pending": spool.count,
+        "bytes": spool.bytes,
+        "oldest": iso(spool.oldest_created),
+        "in_flight": reporter.in_flight,
+        "last_error": reporter.last_error,
+        "max_bytes": spool.max_bytes,
+        "settling": server.tracker.open_windows,
+    }
+
+
+def status_document(server, started_at: float, now: float) -> dict[str, Any]:
+    """The whole /status.json document."""
+    host, port = listening_address(server)
+    config = server.config
+    tracker, reporter = server.tracker, server.reporter
+    instances = sorted(server.registry, key=lambda i: _address_key(i.address))
+    return {
+        "version": __version__,
+        "now": iso(now),
+        "started_at": iso(started_at),
+        "uptime_seconds": round(max(0.0, now - started_at), 3),
+        "healthy": is_healthy(server),
+        "listening": {"host": host, "port": port},
+        "mode": "stand-alone" if config.standalone else "support-server",
+        "support_url": support_url(config),
+        "counters": counters(server.stats),
+        "instances": [instance_status(i, tracker, reporter) for i in instances],
+        "spool": spool_status(server),
+    }
+
+
+# --- the HTML page -------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    """A rough human duration: 42 s, 5 min, 3 h 20 min, 2 d 4 h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _when(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "—"
+    return f"{iso(ts)} ({duration(now - ts)} ago)"
+
+
+def _e(value: Any) -> str:
+    return html.escape("—" if value is None else str(value), quote=True)
+
+
+def _rows(pairs) -> str:
+    return "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>\n" for k, v in pairs)
+
+
+_STYLE = (
+    "body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
+    "th,td{border:1px solid #aaa;padding:2px 6px;text-align:left;vertical-align:top}"
+    "td.n{text-align:right}code{white-space:pre-wrap;word-break:break-all}"
+)
+
+_INSTANCE_HEADER = (
+    "<tr><th>Address</th><th>Kernel</th><th>Last seen</th><th>First seen</th><th>Lines</th>"
+    "<th>Bytes</th><th>Pushed out</th><th>Lost</th><th>System info</th><th>Last incident</th>"
+    "</tr>\n"
+)
+
+
+def _instance_row(instance: Instance, server, now: float) -> str:
+    info = instance.system_info
+    sysinfo = (
+        "—" if info is None
+        else f"{_e(info.size)} chars {_e(info.format)}, {_e(_when(info.received_at, now))}"
+    )
+    last = server.tracker.last_incidents.get(instance.address)
+    if last is None:
+        incident = "—"
+    else:
+        line = last.incident.line
+        report = "" if last.report_id is None else f" {_e(last.report_id)}"
+        incident = (
+            f"<b>{_e(last.incident.kind)}</b> {_e(duration(now - line.received_at))} ago; "
+            f"report{report}: {_e(report_state(last, server.reporter))}<br>"
+            f"<code>{_e(_clip(line.text, HTML_LINE_CHARS))}</code>"
+        )
+    cells = (
+        _e(instance.address),
+        _e(instance.kernel_release),
+        _e(_when(instance.last_seen, now)),
+        _e(iso(instance.first_seen)),
+    )
+    numbers = (len(instance.buffer), instance.buffer.bytes, instance.buffer.dropped,
+               instance.lost_messages)
+    return (
+        "<tr>" + "".join(f"<td>{c}</td>" for c in cells)
+        + "".join(f'<td class="n">{n}</td>' for n in numbers)
+        + f"<td>{sysinfo}</td><td>{incident}</td></tr>\n"
+    )
+
+
+def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS) -> str:
+    """The /status page: plain tables, readable in lynx or w3m."""
+    config = server.config
+    host, port = listening_address(server)
+    shown_host = f"[{host}]" if ":" in host else host
+    healthy = is_healthy(server)
+    if config.standalone:
+        mode = f"stand-alone: reports are written under {_e(config.spool_dir)}/local/"
+    else:
+        mode = f"Support Server {_e(support_url(config))} as client {_e(config.support_client_id)}"
+    spool = spool_status(server)
+    reporter = server.reporter
+    out = [
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>tempesta-ts {_e(__version__)} status</title><style>{_STYLE}</style></head>",
+        f"<body>\n<h1>tempesta-ts {_e(__version__)}</h1>\n<table>\n",
+        _rows([
+            ("Listening", f"UDP and TCP {_e(shown_host)}:{_e(port)} "
+                          f"({'up' if healthy else 'DOWN'})"),
+            ("Mode", mode),
+            ("Started", _e(_when(started_at, now))),
+            ("Now", _e(iso(now))),
+        ]),
+        "</table>\n<h2>Reports</h2>\n<table>\n",
+        _rows([
+            ("Settling", _e(spool["settling"])),
+            ("Pending in the spool", _e(spool["pending"])),
+            ("Spool bytes", f"{_e(spool['bytes'])} of {_e(spool['max_bytes'])}"),
+            ("Oldest pending", _e(_when(reporter.spool.oldest_created, now))),
+            ("In flight", _e(spool["in_flight"])),
+            ("Last error", _e(spool["last_error"])),
+        ]),
+        "</table>\n",
+    ]
+    registry = server.registry
+    total = len(registry)
+    rows = heapq.nlargest(max_rows, registry, key=lambda i: i.last_seen)
+    out.append(f"<h2>Instances ({total})</h2>\n")
+    if total > len(rows):
+        out.append(
+            f"<p>The {len(rows)} most recently seen are shown; {total - len(rows)} more are not. "
+            "<a href=\"/status.json\">/status.json</a> lists them all.</p>\n"
+        )
+    elif total:
+        out.append("<p>Most recently seen first.</p>\n")
+    else:
+        out.append("<p>No instance has sent anything yet.</p>\n")
+    if rows:
+        out.append("<table>\n" + _INSTANCE_HEADER)
+        out.extend(_instance_row(instance, server, now) for instance in rows)
+        out.append("</table>\n")
+    out.append("<h2>Counters</h2>\n<table>\n")
+    out.append("".join(
+        f'<tr><th>{_e(k)}</th><td class="n">{_e(v)}</td></tr>\n'
+        for k, v in counters(server.stats).items()
+    ))
+    out.append(
+        "</table>\n<p><a href=\"/status.json\">/status.json</a> "
+        "<a href=\"/metrics\">/metrics</a> <a href=\"/healthz\">/healthz</a></p>\n"
+        "</body></html>\n"
+    )
+    return "".join(out)
+
+
+# --- resources -----------------------------------------------------------------------------
+
+
+class MetricsResource(resource.Resource):
+    """Prometheus exposition of a registry, rendered synchronously."""
+
+    isLeaf = True
+
+    def __init__(self, registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        body = encoder(self.registry)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+
+class StatusResource(resource.Resource):
+    """/status, the HTML page."""
+
+    isLeaf = True
+
+    def __init__(self, web: WebService) -> None:
+        super().__init__()
+        self.web = web
+
+    def render_GET(self, request) -> bytes:
+        web = self.web
+        page = status_page(web.server, web.started_at, web.reactor.seconds())
+        return _respond(request, "text/html; charset=utf-8", page)
+
+
+class StatusJSONResource(resource.Resource):
+    """/status.json, everything the page shows and every instance."""
+
+    isLeaf = True
+
+    def __init__(self, web: WebService) -> None:
+        super().__init__()
+        self.web = web
+
+    def render_GET(self, request) -> bytes:
+        web = self.web
+        document = status_document(web.server, web.started_at, web.reactor.seconds())
+        return _respond(request, "application/json", json.dumps(document) + "\n")
+
+
+class HealthResource(resource.Resource):
+    """/healthz: 200 while both listeners are up, 503 otherwise."""
+
+    isLeaf = True
+
+    def __init__(self, web: WebService) -> None:
+        super().__init__()
+        self.web = web
+
+    def render_GET(self, request) -> bytes:
+        if is_healthy(self.web.server):
+            return _respond(request, "text/plain; charset=utf-8", "ok\n")
+        reason = "stopping" if not self.web.server.running else "not listening"
+        return _respond(request, "text/plain; charset=utf-8", f"{reason}\n", code=503)
+
+
+class IndexResource(resource.Resource):
+    """/: links to the others."""
+
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        page = (
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>tempesta-ts {_e(__version__)}</title></head><body>\n"
+            f"<h1>tempesta-ts {_e(__version__)}</h1>\n<ul>\n"
+            "<li><a href=\"/status\">/status</a>: instances, incidents, reports</li>\n"
+            "<li><a href=\"/status.json\">/status.json</a>: the same, all instances, JSON</li>\n"
+            "<li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n"
+            "<li><a href=\"/healthz\">/healthz</a>: 200 while listening</li>\n"
+            "</ul></body></html>\n"
+        )
+        return _respond(request, "text/html; charset=utf-8", page)
+
+
+class QuietSite(server.Site):
+    """A Site that writes no access log line: a scrape every 15 s would fill the log."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def make_site(web: WebService) -> QuietSite:
+    """The site: every page under one root."""
+    root = resource.Resource()
+    root.putChild(b"", IndexResource())
+    root.putChild(b"metrics", MetricsResource(web.registry))
+    root.putChild(b"status", StatusResource(web))
+    root.putChild(b"status.json", StatusJSONResource(web))
+    root.putChild(b"healthz", HealthResource(web))
+    site = QuietSite(root, reactor=web.reactor)
+    site.displayTracebacks = False
+    return site
+
+
+class WebService(service.Service):
+    """Serves the pages on metrics_host:metrics_port, bound before twistd drops privileges."""
+
+    log = get_logger(__name__)
+
+    def __init__(self, server, reactor, host: str, port: int, proc: str = "/proc") -> None:
+        self.server = server
+        self.reactor = reactor
+        self.host = host
+        #: 0 picks a free port (tests); the configuration's 0 means no WebService at all.
+        self.port = port
+        self.collector = ServerCollector(server, proc)
+        self.registry = make_registry(self.collector)
+        self.started_at = reactor.seconds()
+        self.site = make_site(self)
+        self.listening = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.listening is not None:
+            return
+        try:
+            self.listening = self.reactor.listenTCP(
+                self.port, self.site, interface=self.host, backlog=16
+            )
+        except CannotListenError as e:
+            # Imported here: service imports this module to assemble the server.
+            from tempesta_ts.service import describe_listen_error
+
+            why = describe_listen_error(
+                "TCP", self.host, self.port, e.socketError,
+                host_flag="--metrics-host", port_flag="--metrics-port",
+            )
+            raise StartupError(f"metrics_port: {why} (0 turns the endpoint off)") from None
+
+    def startService(self) -> None:
+        # ``twist`` (unlike twistd) never calls privilegedStartService.
+        if self.listening is None:
+            self.privilegedStartService()
+        self.started_at = self.reactor.seconds()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.listening = self.listening, None
+        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port really bound."""
+        return self.host, self.listening.getHost().port
+
+    @property
+    def url(self) -> str:
+        """The base URL, as configured (the port as bound once listening)."""
+        port = self.listening.getHost().port if self.listening is not None else self.port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{port}"
