@@ -309,6 +309,25 @@ class PropertyTests(unittest.TestCase):
         self.assertEqual([l.text for l in lines], [l.text for l in whole])
 
 
+class FastPathTests(unittest.TestCase):
+    """The shortcut for plain one-line extended messages decodes as the general path does."""
+
+    @settings(max_examples=300)
+    @given(
+        st.integers(0, 255),
+        st.integers(0, 2**40),
+        st.integers(0, 2**40),
+        st.sampled_from(b"-c+"),
+        st.binary(max_size=300),
+        st.sampled_from([b"", b"\n", b"\n SUBSYSTEM=net\n"]),
+    )
+    def test_fast_path_agrees_with_the_general_path(self, level, seq, usec, flag, text, tail):
+        gram = b"%d,%d,%d,%c;" % (level, seq, usec, flag) + text + tail
+        fast, general = Decoder(), Decoder()
+        self.assertEqual(fast.feed(gram, 1.0), general._feed_general(gram, 1.0))
+        self.assertEqual(fast.feed(gram, 2.0), general._feed_general(gram, 2.0))
+
+
 class ShuffledCaptureTests(unittest.TestCase):
     """Reordering of a real extended capture loses nothing and counts nothing lost."""
 

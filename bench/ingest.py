@@ -1,0 +1,253 @@
+"""Ingest benchmark: the highest zero-loss rate of extended-format datagrams, and CPU per datagram.
+
+Starts the real server under twistd on loopback, drives it with bench/sender.c (sendmmsg, built
+here with cc), and does the same for a bare Python recvfrom loop (bench/bare_receiver.py), the
+ceiling for any Python receiver on this machine. Prints the figures and the machine.
+
+    python bench/ingest.py [--seconds 3] [--instances 1,100,10000] [--quick]
+
+Every run is bounded: each trial lasts --seconds, the search takes at most --steps trials per
+case, and every child process is killed at the end. Traffic goes to 127.0.0.0/8 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RCVBUF = 8 * 1024 * 1024
+SENDER_CEILING = 400_000
+
+
+@dataclass
+class Trial:
+    rate: int
+    sources: int
+    sent: int
+    received: int
+    lines: int
+    rcvbuf_errors: int
+    cpu_seconds: float
+
+    @property
+    def lossless(self) -> bool:
+        return self.received == self.sent and self.rcvbuf_errors == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        t.bind(("127.0.0.1", port))
+        return port
+
+
+def udp_rcvbuf_errors() -> int:
+    """The kernel's count of datagrams dropped for a full socket buffer, host-wide."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build_sender(directory: str) -> str:
+    binary = os.path.join(directory, "sender")
+    subprocess.run(
+        ["cc", "-O2", "-o", binary, os.path.join(HERE, "sender.c")], check=True, timeout=60
+    )
+    return binary
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"receiver ended before {needle!r}")
+        if needle in line:
+            return
+    raise RuntimeError(f"no {needle!r} within {seconds} s")
+
+
+class BareReceiver:
+    """python bench/bare_receiver.py: counts datagrams, nothing more."""
+
+    name = "bare recvfrom loop"
+
+    def start(self, port: int, sources: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "bare_receiver.py"), str(port), str(RCVBUF)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        wait_for_line(self.proc, "ready", 10)
+
+    def counts(self) -> tuple[int, int]:
+        return self._final, self._final
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=10)
+        self._final = int(out.split()[-1])
+
+
+class Server:
+    """The real server: twistd tempesta-ts, counters read from /status.json."""
+
+    name = "tempesta-ts"
+
+    def __init__(self, spool: str) -> None:
+        self.spool = spool
+
+    def start(self, port: int, sources: int) -> None:
+        self.metrics = free_port()
+        config = {
+            "host": "127.0.0.1", "port": port, "log_level": "info", "spool_dir": self.spool,
+            "max_instances": max(1000, sources + 10), "buffer_max_lines": 1000,
+            "metrics_host": "127.0.0.1", "metrics_port": self.metrics,
+            "udp_receive_buffer_bytes": RCVBUF,
+        }
+        path = os.path.join(self.spool, "bench.conf")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        # Output to a file: a pipe nobody reads could fill up and stall the server.
+        self.log_path = os.path.join(self.spool, "server.log")
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                 "-n", "--pidfile=", "tempesta-ts", "--config", path],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + 30
+        while "listening on UDP and TCP" not in open(self.log_path).read():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start:\n" + open(self.log_path).read())
+            time.sleep(0.1)
+
+    def counts(self) -> tuple[int, int]:
+        url = f"http://127.0.0.1:{self.metrics}/status.json"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            counters = json.load(r)["counters"]
+        return counters.get("datagrams", 0), counters.get("lines", 0)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) -> Trial:
+    port = free_port()
+    receiver.start(port, sources)
+    try:
+        errors = udp_rcvbuf_errors()
+        cpu = cpu_seconds(receiver.proc.pid)
+        out = subprocess.run(
+            [sender, str(port), str(rate), str(seconds), str(sources)],
+            check=True, capture_output=True, text=True, timeout=seconds + 120,
+        ).stdout
+        sent = int(out.split()[1])
+        # Let the receiver drain its socket buffer.
+        time.sleep(1.0 + seconds * 0.2)
+        used = cpu_seconds(receiver.proc.pid) - cpu
+        errors = udp_rcvbuf_errors() - errors
+        if isinstance(receiver, Server):
+            received, lines = receiver.counts()
+    finally:
+        receiver.stop()
+    if not isinstance(receiver, Server):
+        received, lines = receiver.counts()
+    return Trial(rate, sources, sent, received, lines, errors, used)
+
+
+def highest_lossless_rate(receiver, sender, seconds, sources, start, steps) -> tuple[int, list]:
+    """Double the rate until a trial loses, then bisect; the best lossless rate seen."""
+    trials, good, bad, rate = [], 0, None, start
+    for _ in range(steps):
+        t = run_trial(receiver, sender, rate, seconds, sources)
+        trials.append(t)
+        print(f"    {receiver.name:20} {sources:6} sources  {rate:8}/s asked  "
+              f"{t.sent / seconds:9.0f}/s sent  lost {t.sent - t.received:7}  "
+              f"rcvbuf errors {t.rcvbuf_errors:7}  cpu {t.cpu_seconds:.2f} s", flush=True)
+        achieved = int(t.sent / seconds)
+        if t.lossless:
+            good = max(good, achieved)
+            if achieved < rate * 0.95:  # the sender itself can go no faster
+                break
+        else:
+            bad = rate if bad is None else min(bad, rate)
+        if bad is None:
+            rate = min(rate * 2, SENDER_CEILING)
+        else:
+            if bad - max(good, 1) < bad * 0.05:
+                break
+            rate = (max(good, 1) + bad) // 2
+    return good, trials
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    rmem = open("/proc/sys/net/core/rmem_max").read().strip()
+    return (f"{platform.node()}: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, net.core.rmem_max={rmem}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--instances", default="1,100,10000")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cpu-rate", type=int, default=50_000)
+    args = parser.parse_args()
+    if shutil.which("cc") is None:
+        sys.exit("needs a C compiler (cc) to build the sender")
+    print(machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        sender = build_sender(tmp)
+        results = {}
+        for sources in [int(n) for n in args.instances.split(",")]:
+            for receiver in (BareReceiver(), Server(tmp)):
+                best, _ = highest_lossless_rate(
+                    receiver, sender, args.seconds, sources, 25_000, args.steps)
+                results[(receiver.name, sources)] = best
+        print("\nhighest zero-loss rate (datagrams/s):")
+        for sources in [int(n) for n in args.instances.split(",")]:
+            bare, ours = results[("bare recvfrom loop", sources)], results[("tempesta-ts", sources)]
+            share = f"{100 * ours / bare:.0f}%" if bare else "-"
+            print(f"  {sources:6} instances: bare {bare:8}  tempesta-ts {ours:8}  ({share} of bare)")
+        print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s:")
+        for receiver in (BareReceiver(), Server(tmp)):
+            t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100)
+            per = 1e6 * t.cpu_seconds / max(t.received, 1)
+            print(f"  {receiver.name:20} {per:6.2f} us  (received {t.received} of {t.sent}, "
+                  f"{t.lines} lines)")
+
+
+if __name__ == "__main__":
+    main()
