@@ -73,6 +73,7 @@ def build_sender(directory: str) -> str:
     subprocess.run(
         ["cc", "-O2", "-o", binary, os.path.join(HERE, "sender.c")], check=True, timeout=60
     )
+    # 10,000 sockets of the sender need the file limit raised, which root may do.
     return binary
 
 
@@ -113,16 +114,17 @@ class Server:
 
     name = "tempesta-ts"
 
-    def __init__(self, spool: str) -> None:
+    def __init__(self, spool: str, **settings) -> None:
         self.spool = spool
+        self.settings = settings
 
     def start(self, port: int, sources: int) -> None:
         self.metrics = free_port()
         config = {
-            "host": "127.0.0.1", "port": port, "log_level": "info", "spool_dir": self.spool,
+            "host": "127.0.0.1", "port": port, "log_level": "warn", "spool_dir": self.spool,
             "max_instances": max(1000, sources + 10), "buffer_max_lines": 1000,
             "metrics_host": "127.0.0.1", "metrics_port": self.metrics,
-            "udp_receive_buffer_bytes": RCVBUF,
+            "udp_receive_buffer_bytes": RCVBUF, **self.settings,
         }
         path = os.path.join(self.spool, "bench.conf")
         with open(path, "w") as f:

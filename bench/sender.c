@@ -2,7 +2,9 @@
  * A netconsole-like load generator that is not the bottleneck: extended-format datagrams of
  * about 120 bytes, from N source addresses in 127.0.0.0/8, paced to a rate, sent with sendmmsg.
  *
- * usage: sender PORT RATE SECONDS SOURCES [FIRST_SOURCE_INDEX]
+ * usage: sender PORT RATE SECONDS SOURCES [fragments]
+ * With "fragments", every datagram is the first fragment of a message that never completes
+ * (to show the reassembly bounds).
  * prints: "sent N datagrams in S seconds" on stdout.
  * Source i is 127.(1 + i / 65536).((i / 256) % 256).(i % 256 + 1 avoiding .0/.255 clashes).
  */
@@ -45,6 +47,7 @@ int main(int argc, char **argv)
 	int port = atoi(argv[1]);
 	double rate = atof(argv[2]), seconds = atof(argv[3]);
 	long sources = atol(argv[4]);
+	int fragments = argc > 5 && strcmp(argv[5], "fragments") == 0;
 	struct rlimit rl = { sources + 64, sources + 64 };
 	if (setrlimit(RLIMIT_NOFILE, &rl) && sources > 1000)
 		perror("setrlimit");
@@ -80,7 +83,8 @@ int main(int argc, char **argv)
 		}
 		int n = due - sent < BATCH ? (int)(due - sent) : BATCH;
 		for (int k = 0; k < n; k++) {
-			int len = snprintf(bufs[k], sizeof(bufs[k]), "6,%lu,%lu,-;%s\n",
+			int len = snprintf(bufs[k], sizeof(bufs[k]),
+					   fragments ? "6,%lu,%lu,-,ncfrag=0/60000;%s" : "6,%lu,%lu,-;%s\n",
 					   seqs[source]++, (unsigned long)((t - start) * 1e6), LINE);
 			iovs[k].iov_base = bufs[k];
 			iovs[k].iov_len = len;

@@ -407,10 +407,13 @@ class RejectionTests(ReporterTestCase):
 class FlowTests(ReporterTestCase):
     """In-flight bound, spool bound, restarts, stand-alone, shutdown."""
 
+    def test_default_in_flight_bound_serves_a_crash_storm(self):
+        self.assertEqual(self.reporter(FakeSupport()).max_in_flight, 32)
+
     def test_in_flight_is_bounded_and_the_rest_queue_oldest_first(self):
         support = FakeSupport()
         support.default = Answer(hang=True)
-        rep = self.reporter(support)
+        rep = self.reporter(support, max_in_flight=4)
         for n in range(6):
             self.clock.advance(1)
             self.submit(rep, report(n))
