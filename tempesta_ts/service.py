@@ -241,7 +241,7 @@ class TroubleshootingService(service.MultiService):
         self.reactor.callWhenRunning(self._announce)
 
     def _announce(self) -> None:
-        if not self.running:
+        if not self.running or self.listeners.udp_port is None:
             return
         # The one start-up line is shown whatever log_level filters (operators grep for it).
         self.announcements.info(self.summary())
