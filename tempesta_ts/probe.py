@@ -62,46 +62,29 @@ def ip_address(value: str) -> str:
 ip_address.coerceDoc = "An IPv4 or IPv6 address."
 
 
-def port_number(value: str) -> int:
-    """A port, 1 to 65535."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a port number") from None
-    if not 1 <= number <= 65535:
-        raise ValueError(f"{number} is not a port number (1 to 65535)")
-    return number
+def _bounded(convert, lo: float, hi: float, noun: str, bounds: str, doc: str, low_open=False):
+    """A coerce function: a number `convert` parses, from lo to hi (lo excluded if low_open)."""
+
+    def coerce(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not {noun}") from None
+        if not (lo < number if low_open else lo <= number) or number > hi:
+            raise ValueError(f"{value} {bounds}")
+        return number
+
+    coerce.coerceDoc = doc
+    return coerce
 
 
-port_number.coerceDoc = "1 to 65535."
-
-
-def seconds(value: str) -> float:
-    """A positive number of seconds, at most a day."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number of seconds") from None
-    if not 0 < number <= 86400:
-        raise ValueError(f"{value} is not between 0 and 86400 seconds")
-    return number
-
-
-seconds.coerceDoc = "Seconds, more than 0."
-
-
-def settle_seconds(value: str) -> float:
-    """Like the server's settle_seconds: 0 to 3600."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= number <= 3600:
-        raise ValueError(f"{value} is not between 0 and 3600 seconds")
-    return number
-
-
-settle_seconds.coerceDoc = "Seconds, 0 to 3600."
+port_number = _bounded(int, 1, 65535, "a port number", "is not a port number (1 to 65535)",
+                       "1 to 65535.")
+seconds = _bounded(float, 0, 86400, "a number of seconds", "is not between 0 and 86400 seconds",
+                   "Seconds, more than 0.", low_open=True)
+#: Like the server's settle_seconds.
+settle_seconds = _bounded(float, 0, 3600, "a number of seconds",
+                          "is not between 0 and 3600 seconds", "Seconds, 0 to 3600.")
 
 
 def http_url(value: str) -> str:

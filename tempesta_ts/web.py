@@ -338,33 +338,23 @@ class MetricsResource(resource.Resource):
 
 
 class StatusResource(resource.Resource):
-    """/status, the HTML page."""
+    """/status (HTML) or /status.json (everything the page shows and every instance)."""
 
     isLeaf = True
 
-    def __init__(self, web: WebService) -> None:
+    def __init__(self, web: WebService, as_json: bool) -> None:
         super().__init__()
         self.web = web
+        self.as_json = as_json
 
     def render_GET(self, request) -> bytes:
         web = self.web
-        page = status_page(web.server, web.started_at, web.reactor.seconds())
+        now = web.reactor.seconds()
+        if self.as_json:
+            document = status_document(web.server, web.started_at, now)
+            return _respond(request, "application/json", json.dumps(document) + "\n")
+        page = status_page(web.server, web.started_at, now)
         return _respond(request, "text/html; charset=utf-8", page)
-
-
-class StatusJSONResource(resource.Resource):
-    """/status.json, everything the page shows and every instance."""
-
-    isLeaf = True
-
-    def __init__(self, web: WebService) -> None:
-        super().__init__()
-        self.web = web
-
-    def render_GET(self, request) -> bytes:
-        web = self.web
-        document = status_document(web.server, web.started_at, web.reactor.seconds())
-        return _respond(request, "application/json", json.dumps(document) + "\n")
 
 
 class HealthResource(resource.Resource):
@@ -416,8 +406,8 @@ def make_site(web: WebService) -> QuietSite:
     root = resource.Resource()
     root.putChild(b"", IndexResource())
     root.putChild(b"metrics", MetricsResource(web.registry))
-    root.putChild(b"status", StatusResource(web))
-    root.putChild(b"status.json", StatusJSONResource(web))
+    root.putChild(b"status", StatusResource(web, as_json=False))
+    root.putChild(b"status.json", StatusResource(web, as_json=True))
     root.putChild(b"healthz", HealthResource(web))
     site = QuietSite(root, reactor=web.reactor)
     site.displayTracebacks = False
