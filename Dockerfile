@@ -17,6 +17,10 @@ RUN pip install --no-cache-dir /tmp/tempesta-ts \
 USER tempesta-ts
 VOLUME ["/var/spool/tempesta-ts"]
 EXPOSE 5555/udp 5555/tcp
+# /healthz answers 200 while UDP and TCP listen (metrics_host:metrics_port; with metrics_port
+# 0 there is nothing to probe: then override it with --no-healthcheck). No curl in slim.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9478/healthz', timeout=2)" || exit 1
 # --pidfile= : a pid file left in the image by a killed container would stop the next start.
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "tempesta-ts"]
 CMD ["--config", "/etc/tempesta-ts/tap.conf"]

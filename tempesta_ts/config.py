@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
@@ -383,6 +384,47 @@ def build(
         config = replace(config, support_api_key=_api_key_from(config, environ))
     _check(config)
     return config
+
+
+def api_key_exposures(
+    config_path: str | None, file_values: Mapping[str, Any], flag_values: Mapping[str, Any],
+    config: Config,
+) -> list[str]:
+    """Warnings for an API key that other local users can read; the key itself is never named."""
+    better = (
+        f"support_api_key_file (mode 600), ${API_KEY_ENV} or systemd's LoadCredential "
+        "(see contrib/tempesta-ts.service)"
+    )
+    warnings = []
+    if "support_api_key" in flag_values:
+        warnings.append(
+            "The API key is given with --support-api-key, where any local user can read it "
+            f"(ps, /proc); give it in {better}"
+        )
+    mode = _world_readable(config_path) if "support_api_key" in file_values else None
+    if mode is not None:
+        warnings.append(
+            f"Config file {config_path!r} holds support_api_key and any local user can read it "
+            f"(mode {mode:04o}); chmod 600 it, or move the key to {better}"
+        )
+    mode = _world_readable(config.support_api_key_file)
+    if mode is not None:
+        warnings.append(
+            f"support_api_key_file {config.support_api_key_file!r} can be read by any local "
+            f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
+        )
+    return warnings
+
+
+def _world_readable(path: str | None) -> int | None:
+    """The permission bits of a file that others may read, else None."""
+    if path is None:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return stat.S_IMODE(mode) if mode & stat.S_IROTH else None
 
 
 def _api_key_from(config: Config, environ: Mapping[str, str]) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Mapping
 
 from twisted.python import usage
 
@@ -10,6 +12,9 @@ from tempesta_ts import config as settings
 from tempesta_ts import log
 from tempesta_ts.errors import StartupError
 from tempesta_ts.service import TroubleshootingService
+from tempesta_ts.systemd import SystemdNotifier
+
+_log = log.get_logger(__name__)
 
 
 def _coerce(key: str):
@@ -57,6 +62,8 @@ class Options(usage.Options):
         super().__init__()
         self["config"] = None
         self.config: settings.Config | None = None
+        #: What to warn of once logging runs (an API key that others can read).
+        self.warnings: list[str] = []
         self._failed = False
 
     def opt_config(self, path: str) -> None:
@@ -89,6 +96,7 @@ class Options(usage.Options):
             self.config = settings.build(from_file, given)
         except settings.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self.warnings = settings.api_key_exposures(self["config"], from_file, given, self.config)
 
     def getUsage(self, width: int | None = None) -> str:
         if self._failed:
@@ -96,17 +104,33 @@ class Options(usage.Options):
         return super().getUsage(width)
 
 
-def makeService(options: Options, reactor=None) -> TroubleshootingService:
-    """The server as configured; ``reactor`` is for tests."""
+def makeService(
+    options: Options, reactor=None, environ: Mapping[str, str] | None = None
+) -> TroubleshootingService:
+    """The server as configured; ``reactor`` and ``environ`` are for tests."""
     if reactor is None:
         from twisted.internet import reactor
     log.set_level(options.config.log_level)
+    # twistd starts its log observers only after makeService; until then the global log
+    # beginner keeps these events and shows them first.
+    for warning in options.warnings:
+        _log.warn(warning)
     _report_startup_errors_in_one_line()
     try:
-        return TroubleshootingService(options.config, reactor)
+        server = TroubleshootingService(options.config, reactor)
     except settings.ConfigError as e:
         # What only shows when it is used (a CA bundle that does not parse).
         raise StartupError(str(e)) from None
+    environ = os.environ if environ is None else environ
+    SystemdNotifier(reactor, environ, lambda: _status(server)).setServiceParent(server)
+    return server
+
+
+def _status(server: TroubleshootingService) -> str:
+    """One line for ``systemctl status``."""
+    host, port = server.listeners.address
+    shown = f"[{host}]" if ":" in host else host
+    return f"listening on UDP and TCP {shown}:{port}"
 
 
 def _report_startup_errors_in_one_line() -> None:
