@@ -82,8 +82,11 @@ def main() -> None:
             print(f"filled: sent {sent} datagrams; holds {instances} instances, {lines} lines, "
                   f"{text / MiB:.1f} MiB of log text; resident {full / MiB:.1f} MiB = "
                   f"{(full - base) / max(text, 1):.2f} x the text + {base / MiB:.1f} MiB base")
-            flood = args.instances * 3
-            send(sender, port, args.rate, flood * 5 / args.rate, flood)
+            # New addresses in rounds: a process may hold only so many sockets here.
+            flood, per_round = 0, 15_000
+            for first in range(args.instances, args.instances * 4, per_round):
+                send(sender, port, args.rate, per_round * 5 / args.rate, per_round, "lines", str(first))
+                flood += per_round
             instances, lines, text = held(server)
             after = rss(server.proc.pid)
             print(f"after {flood} new sources: {instances} instances, {lines} lines, "

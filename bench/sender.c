@@ -2,7 +2,7 @@
  * A netconsole-like load generator that is not the bottleneck: extended-format datagrams of
  * about 120 bytes, from N source addresses in 127.0.0.0/8, paced to a rate, sent with sendmmsg.
  *
- * usage: sender PORT RATE SECONDS SOURCES [fragments]
+ * usage: sender PORT RATE SECONDS SOURCES [fragments|lines] [FIRST_SOURCE]
  * With "fragments", every datagram is the first fragment of a message that never completes
  * (to show the reassembly bounds).
  * prints: "sent N datagrams in S seconds" on stdout.
@@ -48,6 +48,7 @@ int main(int argc, char **argv)
 	double rate = atof(argv[2]), seconds = atof(argv[3]);
 	long sources = atol(argv[4]);
 	int fragments = argc > 5 && strcmp(argv[5], "fragments") == 0;
+	long first = argc > 6 ? atol(argv[6]) : 0;
 	struct rlimit rl = { sources + 64, sources + 64 };
 	if (setrlimit(RLIMIT_NOFILE, &rl) && sources > 1000)
 		perror("setrlimit");
@@ -55,7 +56,7 @@ int main(int argc, char **argv)
 	unsigned long *seqs = calloc(sources, sizeof(unsigned long));
 	for (long i = 0; i < sources; i++) {
 		struct sockaddr_in sa;
-		source_address(i, &sa);
+		source_address(first + i, &sa);
 		fds[i] = socket(AF_INET, SOCK_DGRAM, 0);
 		int big = 4 << 20;
 		setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
