@@ -135,7 +135,7 @@ class BufferRegistry:
             self.stats["instances_created"] += 1
             while len(self._instances) > self.max_instances:
                 _, oldest = self._instances.popitem(last=False)
-                self._evict(oldest)
+                self._evict(oldest, now)
         else:
             self._instances.move_to_end(address)
         instance.last_seen = now
@@ -192,8 +192,14 @@ class BufferRegistry:
         for observer in self.observers:
             observer(instance, lines)
 
-    def _evict(self, instance: Instance) -> None:
-        self._waiting.discard(instance.address)
+    def _evict(self, instance: Instance, now: float) -> None:
+        # What waited for more (a partial line, fragments of a panic) is kept as it is, so
+        # that observers (the incident tracker) see it before the instance goes.
+        if instance.address in self._waiting:
+            self._waiting.discard(instance.address)
+            lines = instance.decoder.flush(now)
+            if lines:
+                self._append(instance, lines)
         self.stats["instances_evicted"] += 1
         for callback in self.evicted:
             callback(instance)

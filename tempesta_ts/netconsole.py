@@ -32,6 +32,8 @@ MAX_LINE_BYTES = 16 * 1024
 SEQ_WINDOW = 1024
 #: How far below the highest sequence number a message may arrive and still be a late one.
 REORDER_WINDOW = 64
+#: A message whose kernel time is this much before the newest one's comes from a new boot.
+REBOOT_MARGIN_US = 1_000_000
 
 _SIMPLE_HEADER = re.compile(rb"(\d{1,3}),(\d{1,20}),(\d{1,20}),[-c+];")
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
@@ -146,54 +148,63 @@ class SequenceTracker:
     """Counts messages lost in sequence gaps, drops duplicates, sees a reboot as a restart.
 
     No set of every number seen is kept: a number at or below the highest, not counted
-    missing, has been seen. What was skipped in a gap of up to SEQ_WINDOW is remembered as
-    missing, so a late arrival takes its loss back.
+    missing, has been seen. What was skipped in the last SEQ_WINDOW numbers is remembered as
+    missing, so a late arrival takes its loss back. The kernel's clock tells a reboot (time
+    went back) from a duplicate or a late message (time did not).
     """
 
-    __slots__ = ("highest", "first", "lost", "_missing")
+    __slots__ = ("highest", "highest_time", "first", "lost", "_missing")
 
     def __init__(self) -> None:
         self.highest: int | None = None
+        self.highest_time: int | None = None
         #: The lowest number seen since the numbering (re)started.
         self.first: int | None = None
         self.lost = 0
         self._missing: set[int] = set()
 
-    def accept(self, seq: int) -> bool:
+    def accept(self, seq: int, time_us: int | None = None) -> bool:
         """Whether a message with this sequence number is new; updates the loss count."""
         highest = self.highest
         if highest is None:
-            self.highest = self.first = seq
+            self._restart(seq, time_us)
         elif seq == highest + 1:
-            self.highest = seq
+            self.highest, self.highest_time = seq, time_us
         elif seq > highest:
-            gap = seq - highest - 1
-            self.lost += gap
-            if gap <= SEQ_WINDOW:
-                self._missing.update(range(highest + 1, seq))
-                if len(self._missing) > SEQ_WINDOW:
-                    self._missing = {s for s in self._missing if s > seq - SEQ_WINDOW}
-            self.highest = seq
+            self.lost += seq - highest - 1
+            self._missing.update(range(max(highest + 1, seq - SEQ_WINDOW), seq))
+            if len(self._missing) > SEQ_WINDOW:
+                self._missing = {s for s in self._missing if s > seq - SEQ_WINDOW}
+            self.highest, self.highest_time = seq, time_us
         elif seq in self._missing:
             # A late arrival (a slow fragment): it was counted lost, it is not.
             self._missing.discard(seq)
             self.lost -= 1
         elif seq == 0 and (self.first == 0 or highest > REORDER_WINDOW):
             # The kernel numbers from 0 at boot: the instance rebooted, nothing was lost.
-            self._restart(seq)
+            self._restart(seq, time_us)
+        elif self._clock_went_back(time_us):
+            # A new boot whose first numbers were not sent (below the console log level).
+            self._restart(seq, time_us)
         elif seq < self.first and self.first - seq <= REORDER_WINDOW:
             # Overtaken before anything else was seen (the first datagrams of a stream).
             self.first = seq
-        elif highest - seq <= SEQ_WINDOW:
+        elif highest - seq <= SEQ_WINDOW or time_us is not None:
+            # Seen before (its time did not go back): a duplicate. Far below the window
+            # and with a kernel time that did not go back, it is a message too late to tell.
             return False
         else:
-            # Far below anything seen: the numbering restarted (netconsole attached after the
-            # kernel's ring wrapped, so the replay does not start at 0).
-            self._restart(seq)
+            # Far below anything seen and no time to tell: the numbering restarted.
+            self._restart(seq, time_us)
         return True
 
-    def _restart(self, seq: int) -> None:
+    def _clock_went_back(self, time_us: int | None) -> bool:
+        last = self.highest_time
+        return time_us is not None and last is not None and time_us + REBOOT_MARGIN_US < last
+
+    def _restart(self, seq: int, time_us: int | None) -> None:
         self.highest = self.first = seq
+        self.highest_time = time_us
         self._missing.clear()
 
 
@@ -275,7 +286,7 @@ class Decoder:
             end = data.find(b"\n", start)
             if (end < 0 or end == len(data) - 1) and data.find(b"\\", start) < 0:
                 seq = int(m[2])
-                if not self.sequence.accept(seq):
+                if not self.sequence.accept(seq, int(m[3])):
                     self.stats["duplicate_messages"] += 1
                     return []
                 text = data[start : end if end >= 0 else None].decode("utf-8", "backslashreplace")
@@ -367,7 +378,7 @@ class Decoder:
     def _message(
         self, header: ExtendedHeader, body: bytes, now: float, complete: bool
     ) -> list[LogLine]:
-        if not self.sequence.accept(header.seq):
+        if not self.sequence.accept(header.seq, header.time_us):
             self.stats["duplicate_messages"] += 1
             return []
         texts, fields = parse_extended_body(body)

@@ -36,9 +36,6 @@ DEFAULT_SETTLE = 5.0
 POLL_SECONDS = 0.25
 #: One read of /status.json waits at most this long (and never past the step's deadline).
 REQUEST_SECONDS = 10.0
-#: Extended sequence numbers count down from here, one per microsecond of wall-clock time
-#: (17 digits until the year 5000; the kernel's are 64-bit).
-SEQ_BASE = 10**17
 #: Nonce letters: none is a hexadecimal digit, so the incident signature never masks the nonce
 #: (it masks numbers and runs of 8 hex digits) and every run's warning is a new incident.
 NONCE_LETTERS = "ghjkmnpqrstvwxyz"
@@ -172,15 +169,13 @@ def make_nonce() -> str:
 
 
 def sequence_number(now: float) -> int:
-    """An extended sequence number for a probe run at wall-clock time ``now``.
+    """The extended sequence number of a probe run's first message: 0.
 
-    It counts down, one per microsecond. A number above the instance's highest counts the gap
-    as lost messages (a number that moves forward with time would add the time between two
-    runs); one just below it is a duplicate and dropped; one more than 1024 below it is a
-    restart of the numbering, which counts nothing. Two runs are always milliseconds apart, so
-    more than 1024 microseconds; the base keeps it far from 0, which would read as a reboot.
+    Each run numbers its messages as a booting kernel does, from 0, so the server sees the
+    probe's own instance "reboot" and counts neither a loss (a number moving forward with
+    time would count the time between two runs) nor a duplicate (an old number again).
     """
-    return SEQ_BASE - int(now * 1_000_000)
+    return 0
 
 
 def plain_datagram(text: str) -> bytes:
@@ -751,7 +746,7 @@ class Probe:
             gram = plain_datagram(line)
         else:
             # Just below this run's first number: taken in as overtaken, no loss counted.
-            gram = extended_datagram(4, self._seq - 1, line)
+            gram = extended_datagram(4, self._seq + 1, line)
         try:
             self._datagrams.transport.write(gram)
         except Exception as e:

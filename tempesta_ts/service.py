@@ -71,7 +71,8 @@ class RegistryService(service.Service):
 class ListenerService(service.Service):
     """Binds UDP and TCP on the same host and port, before twistd drops privileges.
 
-    With port 0 the UDP port is picked first and TCP takes the same number.
+    With port 0 the TCP port is picked first and UDP takes the same number (a factory can
+    listen again at once; the datagram protocol only after its old port has let go of it).
     """
 
     log = get_logger(__name__)
@@ -89,16 +90,16 @@ class ListenerService(service.Service):
         super().privilegedStartService()
         attempts = 20 if self.port == 0 else 1
         for attempt in range(attempts):
-            self.udp_port = self._listen("UDP", self.reactor.listenUDP, self.port, self.udp,
-                                         interface=self.host, maxPacketSize=65535)
-            port = self.udp_port.getHost().port
+            self.tcp_port = self._listen("TCP", self.reactor.listenTCP, self.port, self.tcp,
+                                         interface=self.host, backlog=128)
+            port = self.tcp_port.getHost().port
             try:
-                self.tcp_port = self._listen("TCP", self.reactor.listenTCP, port, self.tcp,
-                                             interface=self.host, backlog=128)
+                self.udp_port = self._listen("UDP", self.reactor.listenUDP, port, self.udp,
+                                             interface=self.host, maxPacketSize=65535)
                 return
             except StartupError:
-                self.udp_port.stopListening()
-                self.udp_port = None
+                self.tcp_port.stopListening()
+                self.tcp_port = None
                 if attempt == attempts - 1:
                     raise
 

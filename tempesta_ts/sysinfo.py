@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineReceiver
@@ -69,6 +70,10 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
                 end = self._document.find(CLOSE_TAG, searched_from)
                 if end < 0:
                     break
+                if end > factory.max_bytes:
+                    # Whole in one read, but over the bound all the same.
+                    self._oversized()
+                    return
                 document = bytes(self._document[:end])
                 del self._document[: end + len(CLOSE_TAG)]
                 searched_from = 0
@@ -90,7 +95,19 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: object = None) -> None:
         self.factory.connections -= 1
         self.setTimeout(None)
-        self._finish()
+        if reason is None or reason.check(ConnectionDone):
+            self._finish()
+        elif self._document.strip() and not self._discarding:
+            # A reset is not the peer's end of its document: a cut one must not replace the
+            # instance's last good system information.
+            self.factory.stats["tcp_documents_cut"] += 1
+            self.factory.log.warn(
+                "Discarded {size} bytes from {source}: the connection was reset before the "
+                "document ended",
+                size=len(self._document),
+                source=self.host,
+            )
+            self._document = bytearray()
 
     def timeoutConnection(self) -> None:
         self.factory.stats["tcp_idle_timeouts"] += 1

@@ -60,6 +60,16 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(evicted, ["b"])
         self.assertEqual(stats["instances_evicted"], 1)
 
+    def test_eviction_keeps_what_waited_for_more(self):
+        reg = BufferRegistry(1, 100, 10_000)
+        seen = []
+        reg.observers.append(lambda instance, lines: seen.extend((instance.address, l.text) for l in lines))
+        reg.receive_datagram("a", b"0,7,100,-,ncfrag=0/40;Kernel panic - not syncing: ", 1.0)
+        reg.receive_datagram("b", b"half a line", 2.0)
+        self.assertIn(("a", "Kernel panic - not syncing:  [...]"), seen)
+        reg.receive_datagram("c", b"x\n", 3.0)
+        self.assertIn(("b", "half a line"), seen)
+
     def test_first_and_last_seen(self):
         reg = BufferRegistry(2, 100, 10_000)
         reg.receive_datagram("a", b"1\n", 1.0)

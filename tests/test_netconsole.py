@@ -266,6 +266,40 @@ class SequenceTests(unittest.TestCase):
         self.assertEqual((t.lost, t.highest), (0, 103))
 
 
+class RebootTests(unittest.TestCase):
+    """A reboot whose first messages were filtered out is told by the kernel clock."""
+
+    def test_new_boot_within_the_window_is_not_taken_for_duplicates(self):
+        t = SequenceTracker()
+        for seq in range(800):
+            self.assertTrue(t.accept(seq, seq * 10_000))
+        accepted = [t.accept(seq, (seq - 300) * 10_000) for seq in range(300, 810)]
+        self.assertEqual(accepted, [True] * 510)
+        self.assertEqual(t.lost, 0)
+
+    def test_late_message_after_a_long_jump_is_not_a_duplicate(self):
+        t = SequenceTracker()
+        t.accept(100, 1_000)
+        t.accept(1200, 2_000)
+        self.assertTrue(t.accept(1199, 1_999))
+        self.assertEqual(t.lost, 1098)
+
+    def test_very_late_message_is_not_a_reboot(self):
+        t = SequenceTracker()
+        for seq in range(0, 5000, 2):
+            t.accept(seq, seq * 100)
+        lost = t.lost
+        self.assertFalse(t.accept(3001, 3001 * 100))
+        t.accept(4999, 4999 * 100)
+        self.assertEqual((t.lost, t.highest), (lost, 4999))
+
+    def test_duplicate_has_the_same_time(self):
+        t = SequenceTracker()
+        for seq in range(10):
+            t.accept(seq, 5_000_000 + seq)
+        self.assertFalse(t.accept(4, 5_000_004))
+
+
 class PropertyTests(unittest.TestCase):
     """Properties over generated input."""
 

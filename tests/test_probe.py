@@ -144,7 +144,7 @@ class ConfirmationTests(ProbeCase):
         self.assertEqual(code, 0, "\n".join(lines))
         self.assertIn("sent an extended netconsole message (seq ", "\n".join(lines))
         (line,) = self.instance(svc).buffer
-        self.assertGreater(line.seq, 0)
+        self.assertEqual(line.seq, 0)
 
 
 class IncidentTests(ProbeCase):
@@ -175,7 +175,7 @@ class IncidentTests(ProbeCase):
         self.assertEqual(code, 0, "\n".join(lines))
         instance = self.instance(svc)
         first, warning = instance.buffer
-        self.assertEqual(warning.seq, first.seq - 1)
+        self.assertEqual(warning.seq, first.seq + 1)
         self.assertEqual(warning.level, 4)
         self.assertEqual(instance.lost_messages, 0)
 
@@ -394,13 +394,8 @@ class FailureTests(ProbeCase):
 class PartsTests(unittest.TestCase):
     """The pieces: sequence numbers, the nonce, advice, options."""
 
-    def test_sequence_numbers_count_down_and_stay_far_from_zero(self):
-        now = 1_800_000_000.0
-        # Runs a millisecond apart are more than the tracker's 1024 apart: a restart, counted
-        # neither as a loss nor as a duplicate.
-        self.assertGreater(probe.sequence_number(now) - probe.sequence_number(now + 0.002), 1024)
-        self.assertGreater(probe.sequence_number(now + 1000 * 365 * 86400), 10**16)
-        self.assertLess(len(str(probe.sequence_number(0))), 21)
+    def test_each_run_numbers_from_zero_as_a_boot_does(self):
+        self.assertEqual(probe.sequence_number(1e9), 0)
 
     def test_the_nonce_survives_the_signature(self):
         for _ in range(50):

@@ -8,7 +8,9 @@ from collections import Counter
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tempesta_ts.access import SourceFilter
@@ -101,6 +103,24 @@ class SystemInfoTests(unittest.TestCase):
         self.assertIsNone(self.info())
         self.assertEqual(self.stats["tcp_documents_refused"], 1)
         self.flushLoggedErrors()
+
+    def test_oversized_document_whole_in_one_read_is_discarded_too(self):
+        factory = self.make(max_bytes=100_000)
+        c = Connection(factory)
+        c.send(b"<sys-info>" + b"x" * 200_000 + b"</sys-info>", chunk=300_000)
+        self.assertTrue(c.transport.disconnected)
+        c.close()
+        self.assertIsNone(self.info())
+        self.assertEqual(self.stats["tcp_documents_refused"], 1)
+        self.flushLoggedErrors()
+
+    def test_reset_connection_does_not_replace_good_system_information(self):
+        c = Connection(self.factory)
+        c.send(b"<sys-info>good</sys-info>")
+        c.send(b"<sys-info>{\"cut\": ")
+        c.proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.info().text, "good")
+        self.assertEqual(self.stats["tcp_documents_cut"], 1)
 
     def test_idle_client_is_disconnected_and_its_partial_document_dropped(self):
         c = Connection(self.factory)
