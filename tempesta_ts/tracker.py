@@ -116,7 +116,7 @@ class IncidentTracker:
     def close_all(self) -> Deferred:
         """Report every open window now (at shutdown); fires once all reports are on disk."""
         for address in list(self._windows):
-            self._close(address)
+            self._settled(address)
         return DeferredList(list(self._pending), consumeErrors=True)
 
     def _look(self, instance: Instance, lines: Sequence[LogLine]) -> None:

@@ -127,6 +127,24 @@ class TrackerTests(unittest.TestCase):
         self.assertEqual(len(self.reports), 1)
         self.successResultOf(d)
 
+    def test_a_failing_report_does_not_stop_the_others_at_shutdown(self):
+        self.send(WARNING % (1, 42), host="192.0.2.1")
+        self.send(WARNING % (1, 42), host="192.0.2.2")
+        made = self.make_report
+        calls = []
+
+        def flaky(instance, incidents, suppressed):
+            calls.append(instance.address)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return made(instance, incidents, suppressed)
+
+        self.tracker.make_report = flaky
+        self.successResultOf(self.tracker.close_all())
+        self.assertEqual(len(self.reports), 1)
+        self.assertEqual(self.stats["tracker_errors"], 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_evicted_instance_is_reported_before_it_goes(self):
         self.registry.max_instances = 1
         self.send(WARNING % (1, 42), host="192.0.2.1")
