@@ -53,6 +53,8 @@ COUNTERS = (
      "TCP documents over tcp_max_bytes, discarded."),
     ("tcp_documents_unterminated", "tcp_documents_unterminated",
      "TCP documents ended by the peer without </sys-info>, kept as they came."),
+    ("tcp_documents_cut", "tcp_documents_cut",
+     "TCP documents discarded: the connection was reset before the document ended."),
     ("tcp_connections_refused", "tcp_connections_refused",
      "TCP connections refused: tcp_max_connections clients were connected."),
     ("tcp_idle_timeouts", "tcp_idle_timeouts", "TCP clients disconnected after tcp_idle_seconds."),

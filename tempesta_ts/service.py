@@ -3,7 +3,6 @@ MultiService, started and stopped in the order that loses nothing."""
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections import Counter
 from typing import Sequence
@@ -18,7 +17,7 @@ from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.config import Config
-from tempesta_ts.errors import StartupError
+from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
@@ -127,35 +126,6 @@ class ListenerService(service.Service):
         return gatherResults([maybeDeferred(p.stopListening) for p in ports])
 
 
-def describe_listen_error(
-    proto: str,
-    host: str,
-    port: int,
-    error: BaseException,
-    *,
-    host_flag: str = "--host",
-    port_flag: str = "--port",
-) -> str:
-    """One line that says why a listener could not bind and what to do."""
-    code = getattr(error, "errno", None)
-    where = f"cannot listen on {proto} {host}:{port}"
-    if code == errno.EADDRINUSE:
-        return (
-            f"{where}: the port is in use by another program; stop it or choose another "
-            f"{port_flag}"
-        )
-    if code == errno.EACCES:
-        return (
-            f"{where}: permission denied; ports below 1024 need root or "
-            "CAP_NET_BIND_SERVICE, or choose a port of 1024 or more"
-        )
-    if code == errno.EADDRNOTAVAIL:
-        return f"{where}: no interface has this address; set {host_flag} to one of this machine's"
-    if isinstance(error, socket.gaierror):
-        return f"{where}: the host does not resolve; set {host_flag} to an IP address"
-    return f"{where}: {error}"
-
-
 class TroubleshootingService(service.MultiService):
     """The whole tempesta-ts server."""
 
@@ -211,12 +181,16 @@ class TroubleshootingService(service.MultiService):
         the web endpoint last.
 
         MultiService would stop its children all at once; nothing accepted may be lost, so the
-        order is explicit. The web endpoint outlives the rest so that /healthz says 503 while
+        order is explicit. Children added by others (the systemd notifier) stop first: they
+        announce the stop. The web endpoint outlives the rest so that /healthz says 503 while
         the server drains and /metrics shows the last reports leaving the spool.
         """
         if not self.running:
             return
         service.Service.stopService(self)
+        ordered = (self.listeners, self.registry_service, self.reporter, self.web)
+        for other in [c for c in self if c not in ordered]:
+            yield maybeDeferred(other.stopService)
         yield self.listeners.stopService()
         yield self.registry_service.stopService()
         yield self.tracker.close_all()

@@ -20,7 +20,7 @@ from twisted.web import resource, server
 
 from tempesta_ts import __version__
 from tempesta_ts.buffers import Instance
-from tempesta_ts.errors import StartupError
+from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.log import get_logger
 from tempesta_ts.metrics import KNOWN_STATS, ServerCollector, make_registry
 from tempesta_ts.report import iso
@@ -440,9 +440,6 @@ class WebService(service.Service):
                 self.port, self.site, interface=self.host, backlog=16
             )
         except CannotListenError as e:
-            # Imported here: service imports this module to assemble the server.
-            from tempesta_ts.service import describe_listen_error
-
             why = describe_listen_error(
                 "TCP", self.host, self.port, e.socketError,
                 host_flag="--metrics-host", port_flag="--metrics-port",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 
 from prometheus_client import REGISTRY
@@ -13,10 +14,12 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
+import tempesta_ts
 from tempesta_ts import __version__
 from tempesta_ts.config import Config
 from tempesta_ts.metrics import (
     DELIVERY_BUCKETS,
+    KNOWN_STATS,
     Histogram,
     read_udp_receive_buffer_errors,
     read_udp_socket,
@@ -430,3 +433,17 @@ class LoopbackTests(unittest.TestCase):
             self.assertIn(("tempesta_ts_udp_receive_queue_bytes", frozenset()), found)
         if os.path.exists("/proc/net/snmp"):
             self.assertIn(("tempesta_ts_udp_receive_buffer_errors_total", frozenset()), found)
+
+
+class CounterTableTests(unittest.TestCase):
+    """A counter the code keeps is a counter operators can see."""
+
+    def test_every_stats_key_in_the_code_is_exported(self):
+        package = os.path.dirname(os.path.abspath(tempesta_ts.__file__))
+        keys = set()
+        for name in os.listdir(package):
+            if name.endswith(".py"):
+                with open(os.path.join(package, name), encoding="utf-8") as f:
+                    keys.update(re.findall(r'stats\[\s*"([a-z_]+)"\s*\]', f.read()))
+        self.assertTrue(keys)
+        self.assertEqual(sorted(keys - set(KNOWN_STATS)), [])

@@ -213,14 +213,18 @@ class NotifierTests(unittest.TestCase):
 class AssembledTests(unittest.TestCase):
     """makeService's server over real sockets: READY=1 means it listens."""
 
-    @defer.inlineCallbacks
-    def test_ready_after_binding_and_the_listening_line_stopping_before_closing(self):
-        notify = NotifySocket(self)
+    def assemble(self, notify) -> tuple:
+        """The server as twistd makes it, told of the notify socket, on a reactor not yet run."""
         options = tap.Options()
         options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                               "--spool-dir", self.mktemp()])
         starting = Starting(reactor)
-        svc = tap.makeService(options, starting, {"NOTIFY_SOCKET": notify.name})
+        return tap.makeService(options, starting, {"NOTIFY_SOCKET": notify.name}), starting
+
+    @defer.inlineCallbacks
+    def test_ready_after_binding_and_the_listening_line_stopping_before_closing(self):
+        notify = NotifySocket(self)
+        svc, starting = self.assemble(notify)
         self.addCleanup(svc.stopService)
         notified_at_the_line: list[bool] = []
 
@@ -251,6 +255,18 @@ class AssembledTests(unittest.TestCase):
         self.assertIsNotNone(svc.listeners.udp_port, "STOPPING=1 comes before the listeners close")
         yield svc.stopService()
         self.assertEqual(len(notify.messages()), 2)
+
+    @defer.inlineCallbacks
+    def test_stopping_the_service_itself_says_stopping_first(self):
+        notify = NotifySocket(self)
+        svc, starting = self.assemble(notify)
+        svc.privilegedStartService()
+        svc.startService()
+        starting.run()
+        yield wait_until(notify.messages)
+        yield svc.stopService()
+        self.assertEqual(notify.messages()[1:], ["STOPPING=1\nSTATUS=stopping"])
+        self.assertIsNone(svc.listeners.udp_port)
 
     def test_without_notify_socket_nothing_is_registered(self):
         options = tap.Options()
