@@ -23,12 +23,9 @@ class SourceFilter:
 
     def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
         self.networks = tuple(networks)
+        #: True when every source is allowed (the hot path asks this first).
+        self.open = not self.networks
         self._cache: dict[str, bool] = {}
-
-    @property
-    def open(self) -> bool:
-        """True when every source is allowed."""
-        return not self.networks
 
     def allows(self, host: str) -> bool:
         """Whether datagrams and connections from this address are taken in."""

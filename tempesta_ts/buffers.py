@@ -6,11 +6,12 @@ bounded in lines and bytes, with what it knows of the instance. Pure code: time 
 
 from __future__ import annotations
 
+import re
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from tempesta_ts.netconsole import Decoder, LogLine
+from tempesta_ts.netconsole import RECORD_TEXT, Decoder, LogLine, unpack_record
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,29 +30,48 @@ class SystemInfo:
         return len(self.text)
 
 
+def _text_bytes(entry: bytes | LogLine) -> int:
+    return len(entry) - RECORD_TEXT if type(entry) is bytes else len(entry.text)
+
+
 class LogBuffer:
-    """A ring of log lines bounded by count and by bytes of text; counts what it pushed out."""
+    """A ring of log lines bounded by count and by bytes of text; counts what it pushed out.
+
+    The common line is held as the decoder's packed record (`Decoder.record`), about the size
+    of its text; others as `LogLine`s. Reading the buffer gives `LogLine`s either way.
+    """
 
     __slots__ = ("max_lines", "max_bytes", "lines", "bytes", "dropped")
 
     def __init__(self, max_lines: int, max_bytes: int) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self.lines: deque[LogLine] = deque()
+        self.lines: deque[bytes | LogLine] = deque()
         self.bytes = 0
         #: Lines pushed out by the bounds since the instance was first seen.
         self.dropped = 0
 
+    def append_record(self, record: bytes) -> int:
+        """Append a packed record; return how many older lines were pushed out."""
+        self.lines.append(record)
+        self.bytes += len(record) - RECORD_TEXT
+        if len(self.lines) > self.max_lines or self.bytes > self.max_bytes:
+            return self._trim()
+        return 0
+
     def extend(self, lines: Sequence[LogLine]) -> int:
         """Append lines, oldest first; return how many older lines were pushed out."""
-        buf = self.lines
         for line in lines:
-            buf.append(line)
+            self.lines.append(line)
             self.bytes += len(line.text)
+        return self._trim()
+
+    def _trim(self) -> int:
+        buf = self.lines
         pushed = 0
         # The newest line always stays, even when it alone is over max_bytes.
         while len(buf) > self.max_lines or (self.bytes > self.max_bytes and len(buf) > 1):
-            self.bytes -= len(buf.popleft().text)
+            self.bytes -= _text_bytes(buf.popleft())
             pushed += 1
         self.dropped += pushed
         return pushed
@@ -60,13 +80,14 @@ class LogBuffer:
         return len(self.lines)
 
     def __iter__(self) -> Iterator[LogLine]:
-        return iter(self.lines)
+        for entry in list(self.lines):
+            yield unpack_record(entry) if type(entry) is bytes else entry
 
 
 class Instance:
     """One Tempesta FW server, known by its source address."""
 
-    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info")
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "watched")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -75,6 +96,8 @@ class Instance:
         self.buffer = buffer
         self.decoder = decoder
         self.system_info: SystemInfo | None = None
+        #: Set by an observer that must see every line of this instance (an open incident).
+        self.watched = False
 
     @property
     def kernel_release(self) -> str | None:
@@ -109,6 +132,9 @@ class BufferRegistry:
         #: Instances whose decoder waits for time (partial line, fragments).
         self._waiting: set[str] = set()
         self.observers: list[LinesObserver] = []
+        #: Per first byte of a line, a pattern it must match for the observers to see it
+        #: (`Rules.line_filter`); None: they see every line. Watched instances show all.
+        self.line_filter: Sequence[re.Pattern | None] | None = None
         self.evicted: list[Callable[[Instance], None]] = []
 
     def __len__(self) -> int:
@@ -141,15 +167,40 @@ class BufferRegistry:
         instance.last_seen = now
         return instance
 
-    def receive_datagram(self, address: str, data: bytes, now: float) -> list[LogLine]:
-        """Decode a netconsole datagram from an instance into its buffer; return its lines."""
-        instance = self.touch(address, now)
-        lines = instance.decoder.feed(data, now)
-        if instance.decoder.has_pending:
-            self._waiting.add(address)
-        if lines:
-            self._append(instance, lines)
-        return lines
+    def receive_datagram(self, address: str, data: bytes, now: float) -> None:
+        """Decode a netconsole datagram from an instance into its buffer."""
+        instance = self._instances.get(address)
+        if instance is None:
+            instance = self.touch(address, now)
+        else:
+            # touch(), inlined: this runs for every datagram.
+            self._instances.move_to_end(address)
+            instance.last_seen = now
+        decoder = instance.decoder
+        record = decoder.record(data, now)
+        if record is None:
+            lines = decoder.feed_other(data, now)
+            if decoder.has_pending:
+                self._waiting.add(address)
+            if lines:
+                self._append(instance, lines)
+        elif record:
+            stats = self.stats
+            stats["lines"] += 1
+            pushed = instance.buffer.append_record(record)
+            if pushed:
+                stats["lines_pushed_out"] += pushed
+            if self.observers and self._observed(instance, record):
+                line = unpack_record(record)
+                for observer in self.observers:
+                    observer(instance, (line,))
+
+    def _observed(self, instance: Instance, record: bytes) -> bool:
+        table = self.line_filter
+        if table is None or instance.watched or len(record) == RECORD_TEXT:
+            return True
+        pattern = table[record[RECORD_TEXT]]
+        return pattern is not None and pattern.match(record, RECORD_TEXT) is not None
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""

@@ -108,24 +108,42 @@ class Detection:
     ends_trace: bool = False
 
 
-def _by_first_character() -> dict[str, tuple[re.Pattern, tuple[Detection, ...]]]:
-    # Per first character, one alternation of the rules a line starting with it can match, one
-    # group per rule: a dictionary look-up rejects most lines (call traces start with a space),
-    # and one match() call decides the rest.
+def _rules_by_first_character() -> dict[str, list[tuple[str, str, str]]]:
     rules: dict[str, list[tuple[str, str, str]]] = {}
     for rule, kind, first, pattern in RULES:
         for character in first:
             rules.setdefault(character, []).append((rule, kind, pattern))
+    return rules
+
+
+def _by_first_character() -> dict[str, tuple[re.Pattern, tuple[Detection, ...]]]:
+    # Per first character, one alternation of the rules a line starting with it can match, one
+    # group per rule: a dictionary look-up rejects most lines (call traces start with a space),
+    # and one match() call decides the rest.
     return {
         character: (
             re.compile("|".join(f"({pattern})" for _, _, pattern in group)),
             tuple(Detection(kind, rule) for rule, kind, _ in group),
         )
-        for character, group in rules.items()
+        for character, group in _rules_by_first_character().items()
     }
 
 
+def _bytes_filter() -> tuple[re.Pattern | None, ...]:
+    # The same alternations as bytes patterns, indexed by a line's first byte; a caller prefix
+    # ("[  T123] ") lets any line through. For ASCII text a bytes pattern matches exactly
+    # where its str twin does.
+    table: list[re.Pattern | None] = [None] * 256
+    for character, group in _rules_by_first_character().items():
+        alternatives = [pattern for _, _, pattern in group]
+        if character == "[":
+            alternatives.insert(0, _CALLER.pattern)
+        table[ord(character)] = re.compile("|".join(f"(?:{p})" for p in alternatives).encode())
+    return tuple(table)
+
+
 _DISPATCH = _by_first_character()
+_BYTES_FILTER = _bytes_filter()
 
 
 def _without_caller(text: str) -> str:
@@ -156,6 +174,13 @@ class Rules:
             extras.append((re.compile(pattern), Detection(kind, f"extra-{number}")))
         self._extra = tuple(extras)
         self._ignore = tuple(re.compile(pattern) for pattern in ignore)
+
+    @property
+    def line_filter(self) -> tuple[re.Pattern | None, ...] | None:
+        """Per first byte, a bytes pattern that every ASCII line `detect` finds matches at its
+        start (None: no such line starts with that byte); None with extra patterns, which
+        may match anywhere. Lets the hot path skip most lines without decoding them."""
+        return None if self._extra else _BYTES_FILTER
 
     def detect(self, text: str) -> Detection | None:
         """The incident a log line starts, or None.

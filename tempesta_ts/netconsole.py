@@ -15,6 +15,7 @@ time is passed in, nothing here schedules anything.
 from __future__ import annotations
 
 import re
+import struct
 from collections import Counter, OrderedDict
 from typing import NamedTuple
 
@@ -35,7 +36,18 @@ REORDER_WINDOW = 64
 #: A message whose kernel time is this much before the newest one's comes from a new boot.
 REBOOT_MARGIN_US = 1_000_000
 
-_SIMPLE_HEADER = re.compile(rb"(\d{1,3}),(\d{1,20}),(\d{1,20}),[-c+];")
+# The common datagram's header: level, sequence number, kernel time, flags and
+# CONFIG_PRINTK_CALLER's caller id; the empty group stands for the release of the second form,
+# which netconsole's "r" option puts first (a release is not all digits). Up to 19 digits a
+# number fits the record's 64 bits; longer ones take the general path.
+_COMMON_HEADER = re.compile(rb"()(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;")
+_RELEASE_HEADER = re.compile(
+    rb"([^,;]{0,64}[^,;0-9][^,;]{0,64}),(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;"
+)
+#: A line kept as received: received_at, seq, kernel_time_us, level, then the UTF-8 text.
+_RECORD = struct.Struct("<dQQB")
+#: Where a record's text starts.
+RECORD_TEXT = _RECORD.size
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _INCOMPLETE_GAP = " [...] "
@@ -57,6 +69,12 @@ class LogLine(NamedTuple):
     fields: tuple[tuple[str, str], ...] = ()
     #: True when some fragments of the message never arrived.
     incomplete: bool = False
+
+
+def unpack_record(record: bytes) -> LogLine:
+    """The `LogLine` a packed record (from `Decoder.record`) keeps."""
+    received_at, seq, time_us, level = _RECORD.unpack_from(record)
+    return LogLine(received_at, record[RECORD_TEXT:].decode("utf-8", "backslashreplace"), level, seq, time_us)
 
 
 class ExtendedHeader(NamedTuple):
@@ -256,6 +274,7 @@ class Decoder:
     def __init__(self, stats: Counter | None = None) -> None:
         self.stats = stats if stats is not None else Counter()
         self.release: str | None = None
+        self._release_raw = b""
         self.sequence = SequenceTracker()
         self._partial = b""
         self._partial_at = 0.0
@@ -276,24 +295,48 @@ class Decoder:
         """True while a partial line or an unfinished fragmented message waits for time."""
         return bool(self._partial or self._pending)
 
+    def record(self, data: bytes, now: float) -> bytes | None:
+        """The common datagram, decoded in one piece into a packed record; None for the rest.
+
+        The common datagram is an extended message of one line, whole, without dictionary or
+        escapes. Its record is about as large as the datagram, where a `LogLine` costs three
+        times its text. A duplicate gives b"". Anything else is left to `feed`.
+        """
+        m = _COMMON_HEADER.match(data) or _RELEASE_HEADER.match(data)
+        if m is None or self._partial:
+            return None
+        start = m.end()
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        elif end != len(data) - 1:
+            return None
+        # Escapes need unescaping, and only ASCII text reads the same as bytes and as str.
+        if data.find(b"\\", start) >= 0 or not data.isascii():
+            return None
+        seq, time_us = int(m[3]), int(m[4])
+        sequence = self.sequence
+        highest = sequence.highest
+        if highest is not None and seq == highest + 1:
+            # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram.
+            sequence.highest, sequence.highest_time = seq, time_us
+        elif not sequence.accept(seq, time_us):
+            self.stats["duplicate_messages"] += 1
+            return b""
+        if m[1] and m[1] != self._release_raw:
+            self._release_raw = m[1]
+            self.release = m[1].decode("ascii")
+        return _RECORD.pack(now, seq, time_us, int(m[2]) & 7) + data[start:end]
+
     def feed(self, data: bytes, now: float) -> list[LogLine]:
         """Decode one datagram; return the lines it completes."""
-        # The common case first, in one piece: an extended message of one line, whole, with
-        # no release, dictionary or escapes. Everything else takes the general path below.
-        m = _SIMPLE_HEADER.match(data)
-        if m is not None and not self._partial:
-            start = m.end()
-            end = data.find(b"\n", start)
-            if (end < 0 or end == len(data) - 1) and data.find(b"\\", start) < 0:
-                seq = int(m[2])
-                if not self.sequence.accept(seq, int(m[3])):
-                    self.stats["duplicate_messages"] += 1
-                    return []
-                text = data[start : end if end >= 0 else None].decode("utf-8", "backslashreplace")
-                return [LogLine(now, text, int(m[1]) & 7, seq, int(m[3]))]
-        return self._feed_general(data, now)
+        record = self.record(data, now)
+        if record is None:
+            return self.feed_other(data, now)
+        return [unpack_record(record)] if record else []
 
-    def _feed_general(self, data: bytes, now: float) -> list[LogLine]:
+    def feed_other(self, data: bytes, now: float) -> list[LogLine]:
+        """Decode a datagram that `record` left (plain, fragments, dictionary, escapes)."""
         try:
             parsed = parse_extended_header(data)
         except Malformed:
@@ -304,7 +347,7 @@ class Decoder:
         out = self._flush_partial(now) if self._partial else []
         header, body = parsed
         if header.release is not None:
-            self.release = header.release
+            self.release, self._release_raw = header.release, b""
         if header.frag_total is None:
             out.extend(self._message(header, body, now, complete=True))
         else:
@@ -384,7 +427,7 @@ class Decoder:
         texts, fields = parse_extended_body(body)
         for key, value in fields:
             if key == "release" and value:
-                self.release = value
+                self.release, self._release_raw = value, b""
         level = header.level & 7
         # Empty lines of a multi-line message are dropped; an empty message stays one line.
         texts = [text for text in texts if text] or [""]

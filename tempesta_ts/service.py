@@ -4,6 +4,7 @@ MultiService, started and stopped in the order that loses nothing."""
 from __future__ import annotations
 
 import socket
+from functools import partial
 from collections import Counter
 from typing import Sequence
 
@@ -27,7 +28,7 @@ from tempesta_ts.reporter import Reporter
 from tempesta_ts.sysinfo import SystemInfoFactory
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
-from tempesta_ts.udp import NetconsoleProtocol
+from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
 from tempesta_ts.web import WebService
 
 #: How often waiting partial lines and fragments are looked at.
@@ -93,8 +94,8 @@ class ListenerService(service.Service):
                                          interface=self.host, backlog=128)
             port = self.tcp_port.getHost().port
             try:
-                self.udp_port = self._listen("UDP", self.reactor.listenUDP, port, self.udp,
-                                             interface=self.host, maxPacketSize=65535)
+                self.udp_port = self._listen("UDP", partial(listen_netconsole, self.reactor),
+                                             port, self.udp, interface=self.host)
                 return
             except StartupError:
                 self.tcp_port.stopListening()
@@ -170,6 +171,9 @@ class TroubleshootingService(service.MultiService):
             self.reporter.on_delivered = self.web.collector.delivered
         if config.log_level == "debug":
             self.registry.observers.append(self._log_lines)
+        else:
+            # The tracker needs only lines that can start an incident, or all of a watched one.
+            self.registry.line_filter = self.tracker.rules.line_filter
         self.registry.observers.append(self.tracker.lines_added)
         self.registry.evicted.append(self._log_eviction)
         self.registry.evicted.append(self.tracker.forget)

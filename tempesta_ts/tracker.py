@@ -152,6 +152,8 @@ class IncidentTracker:
         self.last_incidents[instance.address] = LastIncident(incident)
         if window is None:
             window = self._windows[instance.address] = _Window(instance, now)
+            # Every line counts now (the trace, the end marker), not only incident lines.
+            instance.watched = True
             self.log.info(
                 "{kind} on {instance}: {line}; reporting after {settle} s of quiet",
                 kind=kind,
@@ -183,6 +185,7 @@ class IncidentTracker:
 
     def _close(self, address: str) -> None:
         window = self._windows.pop(address)
+        window.instance.watched = False
         if window.timer is not None and window.timer.active():
             window.timer.cancel()
         now = self.clock.seconds()

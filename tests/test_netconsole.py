@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from tempesta_ts import netconsole
-from tempesta_ts.netconsole import Decoder, SequenceTracker, parse_extended_header
+from tempesta_ts.netconsole import RECORD_TEXT, Decoder, LogLine, SequenceTracker, parse_extended_header, unpack_record
 from tests.captures import EXTENDED_CAPTURES, PLAIN_CAPTURES, datagrams, expected_lines
 
 
@@ -344,22 +344,42 @@ class PropertyTests(unittest.TestCase):
 
 
 class FastPathTests(unittest.TestCase):
-    """The shortcut for plain one-line extended messages decodes as the general path does."""
+    """The packed record of the common datagram decodes as the general path does."""
 
     @settings(max_examples=300)
     @given(
+        st.sampled_from([b"", b"6.12.9-tempesta,", b"5,"]),
         st.integers(0, 255),
-        st.integers(0, 2**40),
+        st.one_of(st.integers(0, 2**40), st.integers(2**63, 10**21)),
         st.integers(0, 2**40),
         st.sampled_from(b"-c+"),
+        st.sampled_from([b"", b",caller=T123", b",caller=C1"]),
         st.binary(max_size=300),
         st.sampled_from([b"", b"\n", b"\n SUBSYSTEM=net\n"]),
     )
-    def test_fast_path_agrees_with_the_general_path(self, level, seq, usec, flag, text, tail):
-        gram = b"%d,%d,%d,%c;" % (level, seq, usec, flag) + text + tail
+    def test_fast_path_agrees_with_the_general_path(self, release, level, seq, usec, flag, caller, text, tail):
+        gram = release + b"%d,%d,%d,%c" % (level, seq, usec, flag) + caller + b";" + text + tail
         fast, general = Decoder(), Decoder()
-        self.assertEqual(fast.feed(gram, 1.0), general._feed_general(gram, 1.0))
-        self.assertEqual(fast.feed(gram, 2.0), general._feed_general(gram, 2.0))
+        self.assertEqual(fast.feed(gram, 1.0), general.feed_other(gram, 1.0))
+        self.assertEqual(fast.release, general.release)
+        self.assertEqual(fast.feed(gram, 2.0), general.feed_other(gram, 2.0))
+
+    def test_common_datagram_is_kept_as_its_text_and_a_fixed_header(self):
+        gram = b"6,42,1000,-;[tempesta fw] Warning: frang: connections rate exceeded\n"
+        record = Decoder().record(gram, 5.0)
+        self.assertEqual(len(record), RECORD_TEXT + len(gram) - len(b"6,42,1000,-;\n"))
+        self.assertEqual(
+            unpack_record(record),
+            LogLine(5.0, "[tempesta fw] Warning: frang: connections rate exceeded", 6, 42, 1000),
+        )
+
+    def test_a_release_change_is_seen_by_both_paths(self):
+        d = Decoder()
+        d.feed(b"6.1.0,6,1,1000,-;one\n", 1.0)
+        d.feed(b"6.2.0,6,2,10,-;again\n SUBSYSTEM=x\n", 2.0)
+        self.assertEqual(d.release, "6.2.0")
+        d.feed(b"6.1.0,6,3,20,-;back\n", 3.0)
+        self.assertEqual(d.release, "6.1.0")
 
 
 class ShuffledCaptureTests(unittest.TestCase):

@@ -24,7 +24,7 @@ class ReportTests(unittest.TestCase):
         instance = registry.get("192.0.2.10")
         if with_info:
             registry.receive_system_info("192.0.2.10", SystemInfo(NOW - 5, '{"a": 1}', "json"))
-        line = instance.buffer.lines[-1]
+        line = list(instance.buffer)[-1]
         return build_report(
             instance=instance,
             incidents=[Incident("warning", line, "warning", "sig")],
