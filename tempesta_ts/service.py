@@ -4,8 +4,8 @@ MultiService, started and stopped in the order that loses nothing."""
 from __future__ import annotations
 
 import socket
-from functools import partial
 from collections import Counter
+from functools import partial
 from typing import Sequence
 
 from twisted.application import service

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from tempesta_ts import netconsole
-from tempesta_ts.netconsole import RECORD_TEXT, Decoder, LogLine, SequenceTracker, parse_extended_header, unpack_record
+from tempesta_ts.netconsole import (
+    RECORD_TEXT,
+    Decoder,
+    LogLine,
+    SequenceTracker,
+    parse_extended_header,
+    unpack_record,
+)
 from tests.captures import EXTENDED_CAPTURES, PLAIN_CAPTURES, datagrams, expected_lines
 
 
