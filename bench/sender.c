@@ -20,7 +20,14 @@
 #include <unistd.h>
 
 #define BATCH 32
-#define LINE "tfw_http_msg_process: [tempesta fw] request processed for client 192.0.2.77 status 200"
+/* Ordinary lines of a busy Tempesta FW server, in turn (none of them starts an incident). */
+static const char *LINES[] = {
+	"tfw_http_msg_process: [tempesta fw] request processed for client 192.0.2.77 status 200",
+	"[tempesta fw] Starting virtual host 'default' listening on 0.0.0.0:443, 64 worker threads",
+	"nf_conntrack: nf_conntrack: table full, dropping packet from 192.0.2.77 to 198.51.100.5",
+	"TCP: request_sock_TCP: Possible SYN flooding on port 443. Sending cookies.  Check SNMP counters.",
+};
+#define NLINES (sizeof(LINES) / sizeof(LINES[0]))
 
 static double now(void)
 {
@@ -86,7 +93,9 @@ int main(int argc, char **argv)
 		for (int k = 0; k < n; k++) {
 			int len = snprintf(bufs[k], sizeof(bufs[k]),
 					   fragments ? "6,%lu,%lu,-,ncfrag=0/60000;%s" : "6,%lu,%lu,-;%s\n",
-					   seqs[source]++, (unsigned long)((t - start) * 1e6), LINE);
+					   seqs[source], (unsigned long)((t - start) * 1e6),
+					   LINES[seqs[source] % NLINES]);
+			seqs[source]++;
 			iovs[k].iov_base = bufs[k];
 			iovs[k].iov_len = len;
 			memset(&msgs[k], 0, sizeof(msgs[k]));

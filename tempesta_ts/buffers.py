@@ -56,7 +56,7 @@ class LogBuffer:
         self.lines.append(record)
         self.bytes += len(record) - RECORD_TEXT
         if len(self.lines) > self.max_lines or self.bytes > self.max_bytes:
-            return self._trim()
+            return self.trim()
         return 0
 
     def extend(self, lines: Sequence[LogLine]) -> int:
@@ -64,9 +64,10 @@ class LogBuffer:
         for line in lines:
             self.lines.append(line)
             self.bytes += len(line.text)
-        return self._trim()
+        return self.trim()
 
-    def _trim(self) -> int:
+    def trim(self) -> int:
+        """Push out the oldest lines until the bounds hold; return how many went."""
         buf = self.lines
         pushed = 0
         # The newest line always stays, even when it alone is over max_bytes.
@@ -187,20 +188,23 @@ class BufferRegistry:
         elif record:
             stats = self.stats
             stats["lines"] += 1
-            pushed = instance.buffer.append_record(record)
-            if pushed:
-                stats["lines_pushed_out"] += pushed
-            if self.observers and self._observed(instance, record):
-                line = unpack_record(record)
-                for observer in self.observers:
-                    observer(instance, (line,))
-
-    def _observed(self, instance: Instance, record: bytes) -> bool:
-        table = self.line_filter
-        if table is None or instance.watched or len(record) == RECORD_TEXT:
-            return True
-        pattern = table[record[RECORD_TEXT]]
-        return pattern is not None and pattern.match(record, RECORD_TEXT) is not None
+            # LogBuffer.append_record, inlined: this runs for every datagram.
+            buffer = instance.buffer
+            buffer.lines.append(record)
+            buffer.bytes += len(record) - RECORD_TEXT
+            if len(buffer.lines) > buffer.max_lines or buffer.bytes > buffer.max_bytes:
+                stats["lines_pushed_out"] += buffer.trim()
+            if not self.observers:
+                return
+            # Most lines cannot start an incident: they are not even decoded to text.
+            table = self.line_filter
+            if table is not None and not instance.watched and len(record) > RECORD_TEXT:
+                pattern = table[record[RECORD_TEXT]]
+                if pattern is None or pattern.match(record, RECORD_TEXT) is None:
+                    return
+            line = unpack_record(record)
+            for observer in self.observers:
+                observer(instance, (line,))
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""

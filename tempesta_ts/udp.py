@@ -6,7 +6,6 @@ import errno
 import socket
 
 from twisted.internet import udp
-from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.protocol import DatagramProtocol
 
 from tempesta_ts.access import instance_address
@@ -100,11 +99,8 @@ class NetconsolePort(udp.Port):
 
 
 def listen_netconsole(reactor, port: int, protocol: DatagramProtocol, interface: str,
-                      reuse_port: bool = False) -> udp.Port:
-    """Listen for netconsole on a `NetconsolePort`; a reactor without file descriptors (a
-    test's) gets its own listenUDP."""
-    if not IReactorFDSet.providedBy(reactor):
-        return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=65535)
+                      reuse_port: bool = False) -> NetconsolePort:
+    """Listen for netconsole on a `NetconsolePort` (the reactor must be a posix one)."""
     listening = NetconsolePort(port, protocol, interface, 65535, reactor, reuse_port)
     listening.startListening()
     return listening

@@ -7,7 +7,8 @@ from collections import Counter
 from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry, LogBuffer, SystemInfo
-from tempesta_ts.netconsole import PARTIAL_LINE_SECONDS, LogLine
+from tempesta_ts.incidents import Rules
+from tempesta_ts.netconsole import PARTIAL_LINE_SECONDS, Decoder, LogLine
 from tests.captures import datagrams, expected_lines
 
 
@@ -35,6 +36,17 @@ class LogBufferTests(unittest.TestCase):
         buf = LogBuffer(max_lines=100, max_bytes=10)
         buf.extend([line("a"), line("y" * 50)])
         self.assertEqual([l.text for l in buf], ["y" * 50])
+
+    def test_records_and_lines_share_the_bounds_and_read_back_in_order(self):
+        buf = LogBuffer(max_lines=3, max_bytes=10_000)
+        decoder = Decoder()
+        for n in range(1, 4):
+            buf.append_record(decoder.record(b"6,%d,%d,-;record %d\n" % (n, n * 10, n), float(n)))
+            buf.extend(decoder.feed(b"plain %d\n" % n, float(n)))
+        self.assertEqual([l.text for l in buf], ["plain 2", "record 3", "plain 3"])
+        self.assertEqual(buf.bytes, sum(len(l.text) for l in buf))
+        self.assertEqual(buf.dropped, 3)
+        self.assertEqual(list(buf)[1], LogLine(3.0, "record 3", 6, 3, 30))
 
 
 class RegistryTests(unittest.TestCase):
@@ -97,6 +109,26 @@ class RegistryTests(unittest.TestCase):
         reg.observers.append(lambda instance, lines: seen.extend((instance.address, l.text) for l in lines))
         reg.receive_datagram("a", b"x\ny\n", 1.0)
         self.assertEqual(seen, [("a", "x"), ("a", "y")])
+
+    def test_observers_see_only_lines_that_can_start_an_incident(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.line_filter = Rules().line_filter
+        seen = []
+        reg.observers.append(lambda instance, lines: seen.extend(l.text for l in lines))
+        for n, text in enumerate([b"ordinary line", b"WARNING: CPU: 0 PID: 1 at x.c:1 f+0x1/0x2", b""], 1):
+            reg.receive_datagram("a", b"4,%d,%d,-;%s\n" % (n, n, text), 1.0)
+        self.assertEqual(seen, ["WARNING: CPU: 0 PID: 1 at x.c:1 f+0x1/0x2", ""])
+        self.assertEqual(len(reg.get("a").buffer), 3)
+
+    def test_observers_see_every_line_of_a_watched_instance(self):
+        reg = BufferRegistry(2, 100, 10_000)
+        reg.line_filter = Rules().line_filter
+        seen = []
+        reg.observers.append(lambda instance, lines: seen.extend(l.text for l in lines))
+        reg.receive_datagram("a", b"4,1,1,-;before\n", 1.0)
+        reg.get("a").watched = True
+        reg.receive_datagram("a", b"4,2,2,-; dump_stack+0x1/0x2\n", 1.0)
+        self.assertEqual(seen, [" dump_stack+0x1/0x2"])
 
     def test_system_info_is_the_latest_document(self):
         reg = BufferRegistry(2, 100, 10_000)

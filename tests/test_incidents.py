@@ -420,6 +420,54 @@ class RuleTests(unittest.TestCase):
         self.assertLess(time.perf_counter() - started, 0.5)
 
 
+def passes_line_filter(table, text: str) -> bool:
+    raw = text.encode("ascii")
+    if not raw:
+        return True
+    pattern = table[raw[0]]
+    return pattern is not None and pattern.match(raw) is not None
+
+
+class LineFilterTests(unittest.TestCase):
+    """The hot path's byte-level filter never hides a line that starts an incident."""
+
+    def test_every_detected_line_of_the_corpus_passes(self):
+        rules = Rules()
+        paths = crash_files() + healthy_files()
+        lines = [line for path in paths for line in corpus_file(path)[1]]
+        lines += [text for text, _, _ in EXAMPLES]
+        detected = [line for line in lines if line.isascii() and rules.detect(line) is not None]
+        self.assertGreater(len(detected), len(EXAMPLES))
+        hidden = [line for line in detected if not passes_line_filter(rules.line_filter, line)]
+        self.assertEqual(hidden, [])
+
+    @given(
+        st.sampled_from(["", "[  T123] ", "[    C1] "]),
+        st.sampled_from([text for text, _, _ in EXAMPLES] + [""]),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
+    )
+    def test_any_ascii_line_that_is_detected_passes(self, caller, example, tail):
+        text = caller + example[: len(example) // 2] + tail
+        rules = Rules()
+        if rules.detect(text) is not None:
+            self.assertTrue(passes_line_filter(rules.line_filter, text), text)
+
+    def test_ordinary_lines_are_filtered_out(self):
+        table = Rules().line_filter
+        for text in [
+            "tfw_http_msg_process: [tempesta fw] request processed for client 192.0.2.77 status 200",
+            "[tempesta fw] Starting virtual host 'default' listening on 0.0.0.0:443",
+            "nf_conntrack: nf_conntrack: table full, dropping packet",
+            "TCP: request_sock_TCP: Possible SYN flooding on port 443. Sending cookies.",
+            " ? tfw_http_req_process+0x1a/0x2b0 [tempesta_fw]",
+        ]:
+            self.assertFalse(passes_line_filter(table, text), text)
+
+    def test_extra_patterns_see_every_line(self):
+        self.assertIsNone(Rules(extra=[("error", "oom-killer")]).line_filter)
+        self.assertIsNotNone(Rules(ignore=["test"]).line_filter)
+
+
 class EndMarkerTests(unittest.TestCase):
     """The line that closes a trace."""
 

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.incidents import Rules
+from tempesta_ts.netconsole import Decoder, parse_plain_line
 from tempesta_ts.report import build_report
 from tempesta_ts.tracker import IncidentTracker
 from tests.captures import datagrams
@@ -169,6 +170,26 @@ class TrackerTests(unittest.TestCase):
         (report,) = self.reports
         self.assertEqual(report["incidents"][0]["line"], "WARNING test message")
         self.assertEqual(report["incidents"][0]["kind"], "warning")
+
+
+class RecordPathTrackerTests(TrackerTests):
+    """The same behaviour when lines come as extended messages kept as packed records, and the
+    registry shows the tracker only lines that can start an incident (as the service sets it)."""
+
+    def setUp(self):
+        super().setUp()
+        self.registry.line_filter = self.tracker.rules.line_filter
+        self.seq = 0
+
+    def send(self, data: bytes, host: str = HOST):
+        line = parse_plain_line(data.rstrip(b"\n"), 0.0)
+        if data.count(b"\n") == 1 and data.endswith(b"\n") and line.kernel_time_us is not None:
+            gram = b"4,%d,%d,-;%s\n" % (self.seq + 1, line.kernel_time_us + self.seq, line.text.encode())
+            # Lines with escapes or non-ASCII text take the general path, as they would.
+            if Decoder().record(gram, 0.0):
+                self.seq += 1
+                data = gram
+        super().send(data, host)
 
 
 class LastIncidentTests(TrackerTests):

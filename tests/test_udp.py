@@ -6,15 +6,17 @@ import ipaddress
 import socket
 from collections import Counter
 
-from twisted.internet import task
+from twisted.internet import defer, reactor, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.intake import Intake
-from tempesta_ts.udp import NetconsoleProtocol, enlarge_receive_buffer
+from tempesta_ts.udp import NetconsolePort, NetconsoleProtocol, enlarge_receive_buffer
 from tests.captures import datagrams, expected_lines
+from tests.waits import wait_until
 
 
 def make(allowed=()):
@@ -92,3 +94,49 @@ class ReceiveBufferTests(unittest.TestCase):
         granted = enlarge_receive_buffer(sock, 4 * 1024 * 1024)
         self.assertGreater(granted, 100_000)
         self.assertLessEqual(granted, 4 * 1024 * 1024)
+
+
+class NetconsolePortTests(unittest.TestCase):
+    """The listening port reads in batches, rests once drained, and can share its port."""
+
+    def listen(self, proto, port=0, **kw):
+        listening = NetconsolePort(port, proto, "127.0.0.1", 65535, reactor, **kw)
+        listening.startListening()
+        self.addCleanup(listening.stopListening)
+        return listening
+
+    def send(self, port, count, start=0):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        for n in range(start, start + count):
+            sock.sendto(b"6,%d,%d,-;line %d\n" % (n, n, n), ("127.0.0.1", port.getHost().port))
+
+    @defer.inlineCallbacks
+    def test_a_drained_socket_rests_then_the_queued_datagrams_are_read(self):
+        proto, registry, _, stats = make()
+        port = self.listen(proto, pause=1.0)
+        self.send(port, 20)
+        yield wait_until(lambda: stats["datagrams"] == 20)
+        self.assertNotIn(port, reactor.getReaders())
+        self.send(port, 5, start=20)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(stats["datagrams"], 20, "resting: the kernel queues meanwhile")
+        yield wait_until(lambda: stats["datagrams"] == 25, timeout=5)
+        texts = [l.text for l in next(iter(registry)).buffer]
+        self.assertEqual(texts, [f"line {n}" for n in range(25)])
+
+    @defer.inlineCallbacks
+    def test_stopping_while_resting_leaves_no_timer_behind(self):
+        proto, _, _, stats = make()
+        port = self.listen(proto, pause=30.0)
+        self.send(port, 3)
+        yield wait_until(lambda: stats["datagrams"] == 3)
+        self.assertIsNotNone(port._resume)
+        yield port.stopListening()
+        self.assertIsNone(port._resume)
+
+    def test_reuse_port_lets_several_listeners_share_one_port(self):
+        first = self.listen(make()[0], reuse_port=True)
+        second = self.listen(make()[0], first.getHost().port, reuse_port=True)
+        self.assertEqual(first.getHost().port, second.getHost().port)
+        self.assertRaises(CannotListenError, self.listen, make()[0], first.getHost().port)
