@@ -11,7 +11,14 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from tempesta_ts.netconsole import RECORD_TEXT, Decoder, LogLine, unpack_record
+from tempesta_ts.netconsole import (
+    RECORD_TEXT,
+    Decoder,
+    LogLine,
+    pack_line,
+    record_text_length,
+    unpack_record,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,59 +37,81 @@ class SystemInfo:
         return len(self.text)
 
 
-def _text_bytes(entry: bytes | LogLine) -> int:
-    return len(entry) - RECORD_TEXT if type(entry) is bytes else len(entry.text)
+#: Records sealed together into one bytes object: a line then costs its text and a 29-byte
+#: header, where a bytes object of its own would add 33 more and a deque slot 8.
+CHUNK_LINES = 16
 
 
 class LogBuffer:
     """A ring of log lines bounded by count and by bytes of text; counts what it pushed out.
 
-    The common line is held as the decoder's packed record (`Decoder.record`), about the size
-    of its text; others as `LogLine`s. Reading the buffer gives `LogLine`s either way.
+    Lines are kept as packed records (`netconsole.pack_line`), the newest in a short list,
+    older ones sealed CHUNK_LINES at a time into one bytes object. Pushing out the oldest line
+    moves a read offset; a chunk goes once all its lines have. Reading gives `LogLine`s.
     """
 
-    __slots__ = ("max_lines", "max_bytes", "lines", "bytes", "dropped")
+    __slots__ = ("max_lines", "max_bytes", "_chunks", "_head", "_newest", "count", "bytes", "dropped")
 
     def __init__(self, max_lines: int, max_bytes: int) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self.lines: deque[bytes | LogLine] = deque()
+        self._chunks: deque[bytes] = deque()
+        #: Where the oldest line still held starts in _chunks[0].
+        self._head = 0
+        self._newest: list[bytes] = []
+        self.count = 0
+        #: Bytes of UTF-8 text held.
         self.bytes = 0
         #: Lines pushed out by the bounds since the instance was first seen.
         self.dropped = 0
 
     def append_record(self, record: bytes) -> int:
         """Append a packed record; return how many older lines were pushed out."""
-        self.lines.append(record)
+        newest = self._newest
+        newest.append(record)
+        if len(newest) == CHUNK_LINES:
+            self._chunks.append(b"".join(newest))
+            newest.clear()
+        self.count += 1
         self.bytes += len(record) - RECORD_TEXT
-        if len(self.lines) > self.max_lines or self.bytes > self.max_bytes:
+        if self.count > self.max_lines or self.bytes > self.max_bytes:
             return self.trim()
         return 0
 
     def extend(self, lines: Sequence[LogLine]) -> int:
         """Append lines, oldest first; return how many older lines were pushed out."""
-        for line in lines:
-            self.lines.append(line)
-            self.bytes += len(line.text)
-        return self.trim()
+        return sum(self.append_record(pack_line(line)) for line in lines)
 
     def trim(self) -> int:
         """Push out the oldest lines until the bounds hold; return how many went."""
-        buf = self.lines
         pushed = 0
         # The newest line always stays, even when it alone is over max_bytes.
-        while len(buf) > self.max_lines or (self.bytes > self.max_bytes and len(buf) > 1):
-            self.bytes -= _text_bytes(buf.popleft())
+        while self.count > self.max_lines or (self.bytes > self.max_bytes and self.count > 1):
+            if self._chunks:
+                chunk = self._chunks[0]
+                length = record_text_length(chunk, self._head)
+                self._head += RECORD_TEXT + length
+                if self._head >= len(chunk):
+                    self._chunks.popleft()
+                    self._head = 0
+            else:
+                length = len(self._newest.pop(0)) - RECORD_TEXT
+            self.bytes -= length
+            self.count -= 1
             pushed += 1
         self.dropped += pushed
         return pushed
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return self.count
 
     def __iter__(self) -> Iterator[LogLine]:
-        for entry in list(self.lines):
-            yield unpack_record(entry) if type(entry) is bytes else entry
+        chunks, offset = list(self._chunks), self._head
+        for chunk in chunks + self._newest:
+            while offset < len(chunk):
+                line, offset = unpack_record(chunk, offset)
+                yield line
+            offset = 0
 
 
 class Instance:
@@ -188,12 +217,9 @@ class BufferRegistry:
         elif record:
             stats = self.stats
             stats["lines"] += 1
-            # LogBuffer.append_record, inlined: this runs for every datagram.
-            buffer = instance.buffer
-            buffer.lines.append(record)
-            buffer.bytes += len(record) - RECORD_TEXT
-            if len(buffer.lines) > buffer.max_lines or buffer.bytes > buffer.max_bytes:
-                stats["lines_pushed_out"] += buffer.trim()
+            pushed = instance.buffer.append_record(record)
+            if pushed:
+                stats["lines_pushed_out"] += pushed
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
@@ -202,7 +228,7 @@ class BufferRegistry:
                 pattern = table[record[RECORD_TEXT]]
                 if pattern is None or pattern.match(record, RECORD_TEXT) is None:
                     return
-            line = unpack_record(record)
+            line = unpack_record(record)[0]
             for observer in self.observers:
                 observer(instance, (line,))
 

@@ -44,10 +44,14 @@ _COMMON_HEADER = re.compile(rb"()(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller
 _RELEASE_HEADER = re.compile(
     rb"([^,;]{0,64}[^,;0-9][^,;]{0,64}),(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;"
 )
-#: A line kept as received: received_at, seq, kernel_time_us, level, then the UTF-8 text.
-_RECORD = struct.Struct("<dQQB")
+#: A line as the buffers keep it: its text's length, received_at, seq, kernel_time_us and
+#: level, then the text as UTF-8. Records of one instance are kept back to back.
+_RECORD = struct.Struct("<IdQQB")
 #: Where a record's text starts.
 RECORD_TEXT = _RECORD.size
+# A field the line does not have (a plain line has no sequence number).
+_NO_NUMBER = 2**64 - 1
+_NO_LEVEL = 255
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _INCOMPLETE_GAP = " [...] "
@@ -71,10 +75,40 @@ class LogLine(NamedTuple):
     incomplete: bool = False
 
 
-def unpack_record(record: bytes) -> LogLine:
-    """The `LogLine` a packed record (from `Decoder.record`) keeps."""
-    received_at, seq, time_us, level = _RECORD.unpack_from(record)
-    return LogLine(received_at, record[RECORD_TEXT:].decode("utf-8", "backslashreplace"), level, seq, time_us)
+def pack_line(line: LogLine) -> bytes:
+    """A line as a record (see `unpack_record`); its dictionary and completeness are not kept."""
+    text = line.text.encode("utf-8", "backslashreplace")
+    return _RECORD.pack(
+        len(text), line.received_at, _number(line.seq), _number(line.kernel_time_us),
+        _NO_LEVEL if line.level is None else line.level,
+    ) + text
+
+
+def _number(value: int | None) -> int:
+    # A number past 64 bits is no kernel's: it is kept as unknown.
+    return value if value is not None and 0 <= value < _NO_NUMBER else _NO_NUMBER
+
+
+def unpack_record(records: bytes, offset: int = 0) -> tuple[LogLine, int]:
+    """The line whose record starts at `offset`, and where the next record starts."""
+    length, received_at, seq, time_us, level = _RECORD.unpack_from(records, offset)
+    start = offset + RECORD_TEXT
+    line = LogLine(
+        received_at,
+        records[start : start + length].decode("utf-8", "backslashreplace"),
+        None if level == _NO_LEVEL else level,
+        None if seq == _NO_NUMBER else seq,
+        None if time_us == _NO_NUMBER else time_us,
+    )
+    return line, start + length
+
+
+def record_text_length(records: bytes, offset: int = 0) -> int:
+    """The length of the text of the record at `offset`."""
+    return _TEXT_LENGTH.unpack_from(records, offset)[0]
+
+
+_TEXT_LENGTH = struct.Struct("<I")
 
 
 class ExtendedHeader(NamedTuple):
@@ -326,14 +360,14 @@ class Decoder:
         if m[1] and m[1] != self._release_raw:
             self._release_raw = m[1]
             self.release = m[1].decode("ascii")
-        return _RECORD.pack(now, seq, time_us, int(m[2]) & 7) + data[start:end]
+        return _RECORD.pack(end - start, now, seq, time_us, int(m[2]) & 7) + data[start:end]
 
     def feed(self, data: bytes, now: float) -> list[LogLine]:
         """Decode one datagram; return the lines it completes."""
         record = self.record(data, now)
         if record is None:
             return self.feed_other(data, now)
-        return [unpack_record(record)] if record else []
+        return [unpack_record(record)[0]] if record else []
 
     def feed_other(self, data: bytes, now: float) -> list[LogLine]:
         """Decode a datagram that `record` left (plain, fragments, dictionary, escapes)."""

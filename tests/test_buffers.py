@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from tempesta_ts.buffers import BufferRegistry, LogBuffer, SystemInfo
+from tempesta_ts.buffers import CHUNK_LINES, BufferRegistry, LogBuffer, SystemInfo
 from tempesta_ts.incidents import Rules
 from tempesta_ts.netconsole import PARTIAL_LINE_SECONDS, Decoder, LogLine
 from tests.captures import datagrams, expected_lines
@@ -47,6 +49,37 @@ class LogBufferTests(unittest.TestCase):
         self.assertEqual(buf.bytes, sum(len(l.text) for l in buf))
         self.assertEqual(buf.dropped, 3)
         self.assertEqual(list(buf)[1], LogLine(3.0, "record 3", 6, 3, 30))
+
+
+class ChunkedLogBufferTests(unittest.TestCase):
+    """Lines sealed into chunks read back exactly as a plain ring of lines would hold them."""
+
+    @given(
+        st.integers(1, 40),
+        st.integers(1, 400),
+        st.lists(st.tuples(st.text(max_size=30), st.one_of(st.none(), st.integers(0, 2**64 - 2))), max_size=120),
+    )
+    def test_same_lines_as_a_plain_ring(self, max_lines, max_bytes, appended):
+        buf = LogBuffer(max_lines, max_bytes)
+        model: deque[LogLine] = deque()
+        pushed = 0
+        for n, (text, seq) in enumerate(appended):
+            new = LogLine(float(n), text, n % 8, seq, None if seq is None else seq // 2)
+            pushed += buf.extend([new])
+            model.append(new)
+            size = lambda: sum(len(l.text.encode("utf-8", "backslashreplace")) for l in model)  # noqa: E731
+            while len(model) > max_lines or (size() > max_bytes and len(model) > 1):
+                model.popleft()
+        self.assertEqual(list(buf), list(model))
+        self.assertEqual((len(buf), buf.bytes), (len(model), size() if appended else 0))
+        self.assertEqual(buf.dropped, pushed)
+        self.assertEqual(pushed, len(appended) - len(model))
+
+    def test_a_chunk_goes_once_all_its_lines_are_pushed_out(self):
+        buf = LogBuffer(max_lines=CHUNK_LINES, max_bytes=10**6)
+        buf.extend([line(f"{n}") for n in range(CHUNK_LINES * 3)])
+        self.assertEqual([l.text for l in buf], [f"{n}" for n in range(CHUNK_LINES * 2, CHUNK_LINES * 3)])
+        self.assertLessEqual(len(buf._chunks), 2)
 
 
 class RegistryTests(unittest.TestCase):

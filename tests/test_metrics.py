@@ -444,6 +444,9 @@ class CounterTableTests(unittest.TestCase):
         for name in os.listdir(package):
             if name.endswith(".py"):
                 with open(os.path.join(package, name), encoding="utf-8") as f:
-                    keys.update(re.findall(r'stats\[\s*"([a-z_]+)"\s*\]', f.read()))
+                    source = f.read()
+                keys.update(re.findall(r'stats\[\s*"([a-z_]+)"\s*\]', source))
+                # Intake.failed(what) counts into f"{what}_errors".
+                keys.update(f"{what}_errors" for what in re.findall(r'\.failed\(\s*"([a-z_]+)"', source))
         self.assertTrue(keys)
         self.assertEqual(sorted(keys - set(KNOWN_STATS)), [])

@@ -376,7 +376,7 @@ class FastPathTests(unittest.TestCase):
         record = Decoder().record(gram, 5.0)
         self.assertEqual(len(record), RECORD_TEXT + len(gram) - len(b"6,42,1000,-;\n"))
         self.assertEqual(
-            unpack_record(record),
+            unpack_record(record)[0],
             LogLine(5.0, "[tempesta fw] Warning: frang: connections rate exceeded", 6, 42, 1000),
         )
 

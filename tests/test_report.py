@@ -76,7 +76,7 @@ class ReportTests(unittest.TestCase):
         registry = BufferRegistry(10, 3, 10_000)
         registry.receive_datagram("a", b"[    1.000000] hi\n", NOW)
         instance = registry.get("a")
-        r = build_report(instance=instance, incidents=[Incident("bug", instance.buffer.lines[0], "r", "s")],
+        r = build_report(instance=instance, incidents=[Incident("bug", list(instance.buffer)[0], "r", "s")],
                          suppressed=0, client_id=None, hostname="h", version="v", now=NOW)
         self.assertEqual(r["log"][0], {"received_at": iso(NOW), "text": "hi", "level": None, "seq": None,
                                        "kernel_time_us": 1_000_000})
