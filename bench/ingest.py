@@ -110,53 +110,78 @@ class BareReceiver:
 
 
 class Server:
-    """The real server: twistd tempesta-ts, counters read from /status.json."""
+    """The real server: twistd tempesta-ts, counters read from /status.json.
 
-    name = "tempesta-ts"
+    With processes > 1, that many servers share the port (reuse_port), each with its own spool
+    and metrics port; their counters and CPU time are summed.
+    """
 
-    def __init__(self, spool: str, **settings) -> None:
+    def __init__(self, spool: str, processes: int = 1, **settings) -> None:
         self.spool = spool
+        self.processes = processes
         self.settings = settings
+        self.name = "tempesta-ts" if processes == 1 else f"tempesta-ts x{processes}"
 
     def start(self, port: int, sources: int) -> None:
-        self.metrics = free_port()
+        self.children = []
+        for n in range(self.processes):
+            self.children.append(self._start_one(port, sources, n))
+        # The first process, for what looks at one (its pid, its metrics port).
+        self.proc, self.metrics = self.children[0]
+
+    def _start_one(self, port: int, sources: int, n: int):
+        metrics = free_port()
+        spool = os.path.join(self.spool, f"spool-{n}")
         config = {
-            "host": "127.0.0.1", "port": port, "log_level": "warn", "spool_dir": self.spool,
+            "host": "127.0.0.1", "port": port, "log_level": "warn", "spool_dir": spool,
             "max_instances": max(1000, sources + 10), "buffer_max_lines": 1000,
-            "metrics_host": "127.0.0.1", "metrics_port": self.metrics,
+            "metrics_host": "127.0.0.1", "metrics_port": metrics,
             "udp_receive_buffer_bytes": RCVBUF, **self.settings,
         }
-        path = os.path.join(self.spool, "bench.conf")
+        if self.processes > 1:
+            config.update(reuse_port=True, system_info_dir=os.path.join(self.spool, "system-info"))
+        path = os.path.join(self.spool, f"bench-{n}.conf")
         with open(path, "w") as f:
             json.dump(config, f)
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
         # Output to a file: a pipe nobody reads could fill up and stall the server.
-        self.log_path = os.path.join(self.spool, "server.log")
-        with open(self.log_path, "w") as out:
-            self.proc = subprocess.Popen(
+        log_path = os.path.join(self.spool, f"server-{n}.log")
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(
                 [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=", "tempesta-ts", "--config", path],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         deadline = time.monotonic() + 30
-        while "listening on UDP and TCP" not in open(self.log_path).read():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start:\n" + open(self.log_path).read())
+        while "listening on UDP and TCP" not in open(log_path).read():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start:\n" + open(log_path).read())
             time.sleep(0.1)
+        self.log_path = log_path
+        return proc, metrics
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(proc.pid) for proc, _ in self.children)
 
     def counts(self) -> tuple[int, int]:
-        url = f"http://127.0.0.1:{self.metrics}/status.json"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            counters = json.load(r)["counters"]
-        return counters.get("datagrams", 0), counters.get("lines", 0)
+        datagrams = lines = 0
+        for _, metrics in self.children:
+            url = f"http://127.0.0.1:{metrics}/status.json"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                counters = json.load(r)["counters"]
+            datagrams += counters.get("datagrams", 0)
+            lines += counters.get("lines", 0)
+        return datagrams, lines
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        for proc, _ in self.children:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.children:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) -> Trial:
@@ -164,7 +189,8 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) ->
     receiver.start(port, sources)
     try:
         errors = udp_rcvbuf_errors()
-        cpu = cpu_seconds(receiver.proc.pid)
+        cpu_of = getattr(receiver, "cpu", lambda: cpu_seconds(receiver.proc.pid))
+        cpu = cpu_of()
         out = subprocess.run(
             [sender, str(port), str(rate), str(seconds), str(sources)],
             check=True, capture_output=True, text=True, timeout=seconds + 120,
@@ -172,7 +198,7 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) ->
         sent = int(out.split()[1])
         # Let the receiver drain its socket buffer.
         time.sleep(1.0 + seconds * 0.2)
-        used = cpu_seconds(receiver.proc.pid) - cpu
+        used = cpu_of() - cpu
         errors = udp_rcvbuf_errors() - errors
         if isinstance(receiver, Server):
             received, lines = receiver.counts()
@@ -226,6 +252,8 @@ def main() -> None:
     parser.add_argument("--instances", default="1,100,10000")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cpu-rate", type=int, default=50_000)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also measure this many server processes sharing the port (reuse_port)")
     args = parser.parse_args()
     if shutil.which("cc") is None:
         sys.exit("needs a C compiler (cc) to build the sender")
@@ -234,15 +262,20 @@ def main() -> None:
         sender = build_sender(tmp)
         results = {}
         for sources in [int(n) for n in args.instances.split(",")]:
-            for receiver in (BareReceiver(), Server(tmp)):
+            receivers = [BareReceiver(), Server(tmp)]
+            if args.processes > 1:
+                receivers.append(Server(tmp, args.processes))
+            for receiver in receivers:
                 best, _ = highest_lossless_rate(
                     receiver, sender, args.seconds, sources, 25_000, args.steps)
                 results[(receiver.name, sources)] = best
         print("\nhighest zero-loss rate (datagrams/s):")
         for sources in [int(n) for n in args.instances.split(",")]:
-            bare, ours = results[("bare recvfrom loop", sources)], results[("tempesta-ts", sources)]
-            share = f"{100 * ours / bare:.0f}%" if bare else "-"
-            print(f"  {sources:6} instances: bare {bare:8}  tempesta-ts {ours:8}  ({share} of bare)")
+            bare = results[("bare recvfrom loop", sources)]
+            for name, ours in results.items():
+                if name[1] == sources and name[0] != "bare recvfrom loop":
+                    share = f"{100 * ours / bare:.0f}%" if bare else "-"
+                    print(f"  {sources:6} instances: bare {bare:8}  {name[0]} {ours:8}  ({share} of bare)")
         print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s:")
         for receiver in (BareReceiver(), Server(tmp)):
             t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100)

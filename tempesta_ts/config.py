@@ -200,6 +200,18 @@ class Config:
 
     host: str = _setting("0.0.0.0", HOST_ADDRESS, "Address to listen on, UDP and TCP.")
     port: int = _setting(5555, PORT, "Port to listen on, UDP (netconsole) and TCP (documents).")
+    reuse_port: bool = _setting(
+        False,
+        BOOL,
+        "Share host:port with other tempesta-ts processes (SO_REUSEPORT), each with its own "
+        "spool_dir and metrics_port and one system_info_dir (docs/operations.md).",
+    )
+    system_info_dir: str | None = _setting(
+        None,
+        PATH,
+        "Keep system information on disk here too: it survives restarts and is shared by the "
+        "processes of reuse_port.",
+    )
     allowed_sources: tuple = _setting(
         (), CIDRS, "CIDRs allowed to send, comma-separated (empty: everyone)."
     )
@@ -467,6 +479,11 @@ def _check(config: Config) -> None:
             "support_ca_file",
             config.support_ca_file,
             "an existing PEM file of CA certificates",
+        )
+    if config.reuse_port and config.system_info_dir is None:
+        raise ConfigError(
+            "system_info_dir: missing; expected a directory shared by every process on the port "
+            "when reuse_port is set (an instance's documents may reach another process than its log)"
         )
     if config.metrics_port != 0 and config.metrics_port == config.port and (
         config.metrics_host == config.host or config.host in ("0.0.0.0", "::")

@@ -82,6 +82,7 @@ COUNTERS = (
 ERRORS = (
     ("udp_errors", "udp"),
     ("tcp_errors", "tcp"),
+    ("system_info_store_errors", "system_info_store"),
     ("timer_errors", "timer"),
     ("tracker_errors", "tracker"),
     ("spool_errors", "spool"),

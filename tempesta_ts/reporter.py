@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import collections
 import email.utils
+import fcntl
 import gzip
 import ipaddress
 import json
@@ -80,6 +81,10 @@ MAX_OUTCOMES = 4096
 
 class SpoolError(StartupError):
     """The spool directory cannot be used; the message says which and why, in one line."""
+
+
+class SpoolInUse(Exception):
+    """Another process holds the spool directory's lock; the argument is its pid."""
 
 
 class ReportTooLarge(ValueError):
@@ -165,8 +170,13 @@ class Spool:
 
     log = get_logger(__name__)
 
-    def __init__(self, directory: str, max_bytes: int, stats: collections.Counter, clock) -> None:
+    def __init__(self, directory: str, max_bytes: int, stats: collections.Counter, clock,
+                 exclusive: bool = False) -> None:
         self.directory = directory
+        #: Lock the directory against other processes (the processes of reuse_port must not
+        #: deliver each other's reports).
+        self.exclusive = exclusive
+        self._lock = None
         self.max_bytes = max_bytes
         self.stats = stats
         self.clock = clock
@@ -188,6 +198,8 @@ class Spool:
             return
         for path in (self.directory, self.pending_dir, self.rejected_dir, self.tmp_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        if self.exclusive:
+            self._take_lock()
         for name in os.listdir(self.tmp_dir):
             # Writes interrupted by a crash: never renamed into place, so never acknowledged.
             try:
@@ -255,6 +267,26 @@ class Spool:
             os.makedirs(path, mode=0o700, exist_ok=True)
         name = file_name(self.clock.seconds(), report["report_id"])
         return write_durably(self.local_dir, self.tmp_dir, name, body)
+
+    def _take_lock(self) -> None:
+        lock = open(os.path.join(self.directory, "lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise SpoolInUse(holder) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        """Let go of the directory's lock, if held."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def pending(self) -> list[SpooledReport]:
         """The reports waiting, oldest first."""
@@ -672,7 +704,9 @@ class Reporter(service.Service):
         self.response_timeout = response_timeout
         self.shutdown_grace = shutdown_grace
         self.rng = rng if rng is not None else random.Random()
-        self.spool = Spool(config.spool_dir, config.spool_max_bytes, stats, reactor)
+        self.spool = Spool(
+            config.spool_dir, config.spool_max_bytes, stats, reactor, exclusive=config.reuse_port
+        )
         #: Called with (report_id, seconds from spooled to delivered) on each delivery.
         self.on_delivered: Callable[[str, float], None] | None = None
         #: The last failure, one line; None once a report is delivered again.
@@ -753,6 +787,11 @@ class Reporter(service.Service):
     def startService(self) -> None:
         try:
             waiting = self.spool.pending()
+        except SpoolInUse as e:
+            raise SpoolError(
+                f"spool_dir: {self.config.spool_dir!r} is in use by another tempesta-ts process "
+                f"(pid {e.args[0]}); expected a spool_dir of its own for each process of reuse_port"
+            ) from None
         except OSError as e:
             raise SpoolError(
                 f"spool_dir: cannot use {self.config.spool_dir!r} ({e.strerror}); "
@@ -800,6 +839,7 @@ class Reporter(service.Service):
             attempt.deferred.cancel()
 
     def _close(self) -> defer.Deferred:
+        self.spool.release()
         if self._pool is None:
             return defer.succeed(None)
         return defer.maybeDeferred(self._pool.closeCachedConnections)

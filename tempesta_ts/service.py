@@ -25,7 +25,7 @@ from tempesta_ts.metrics import KNOWN_STATS
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, build_report
 from tempesta_ts.reporter import Reporter
-from tempesta_ts.sysinfo import SystemInfoFactory
+from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
@@ -77,8 +77,10 @@ class ListenerService(service.Service):
 
     log = get_logger(__name__)
 
-    def __init__(self, reactor, host: str, port: int, udp: NetconsoleProtocol, tcp: SystemInfoFactory):
+    def __init__(self, reactor, host: str, port: int, udp: NetconsoleProtocol, tcp: SystemInfoFactory,
+                 reuse_port: bool = False):
         self.reactor = reactor
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.udp = udp
@@ -90,12 +92,12 @@ class ListenerService(service.Service):
         super().privilegedStartService()
         attempts = 20 if self.port == 0 else 1
         for attempt in range(attempts):
-            self.tcp_port = self._listen("TCP", self.reactor.listenTCP, self.port, self.tcp,
-                                         interface=self.host, backlog=128)
+            self.tcp_port = self._listen("TCP", partial(listen_documents, self.reactor), self.port,
+                                         self.tcp, interface=self.host, reuse_port=self.reuse_port)
             port = self.tcp_port.getHost().port
             try:
-                self.udp_port = self._listen("UDP", partial(listen_netconsole, self.reactor),
-                                             port, self.udp, interface=self.host)
+                self.udp_port = self._listen("UDP", partial(listen_netconsole, self.reactor), port,
+                                             self.udp, interface=self.host, reuse_port=self.reuse_port)
                 return
             except StartupError:
                 self.tcp_port.stopListening()
@@ -145,8 +147,12 @@ class TroubleshootingService(service.MultiService):
         )
         intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
         self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
+        self.system_info_store = (
+            SystemInfoStore(config.system_info_dir) if config.system_info_dir else None
+        )
         self.tcp = SystemInfoFactory(
-            intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections
+            intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
+            self.system_info_store,
         )
         self.reporter = Reporter(config, reactor, self.stats, http_client=http_client)
         self.tracker = IncidentTracker(
@@ -163,7 +169,9 @@ class TroubleshootingService(service.MultiService):
         self.reporter.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
-        self.listeners = ListenerService(reactor, config.host, config.port, self.udp, self.tcp)
+        self.listeners = ListenerService(
+            reactor, config.host, config.port, self.udp, self.tcp, config.reuse_port
+        )
         self.listeners.setServiceParent(self)
         # After the listeners: a failure to bind the main port is reported first.
         self.web: WebService | None = None
@@ -205,6 +213,8 @@ class TroubleshootingService(service.MultiService):
             yield self.web.stopService()
 
     def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
+        if self.system_info_store is not None:
+            self._newest_system_info(instance)
         return build_report(
             instance=instance,
             incidents=incidents,
@@ -214,6 +224,20 @@ class TroubleshootingService(service.MultiService):
             version=__version__,
             now=self.reactor.seconds(),
         )
+
+    def _newest_system_info(self, instance: Instance) -> None:
+        # Another process on the port (reuse_port), or this one before a restart, may have
+        # taken a newer document from the instance.
+        try:
+            stored = self.system_info_store.load(instance.address)
+        except (OSError, ValueError, KeyError, TypeError):
+            self.stats["system_info_store_errors"] += 1
+            self.log.failure("Could not read the system information of {instance} in {path}",
+                             instance=instance.address, path=self.system_info_store.directory)
+            return
+        current = instance.system_info
+        if stored is not None and (current is None or stored.received_at > current.received_at):
+            instance.system_info = stored
 
     def startService(self) -> None:
         super().startService()

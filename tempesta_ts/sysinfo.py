@@ -9,7 +9,10 @@ information.
 from __future__ import annotations
 
 import json
+import os
+import socket
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ServerFactory
@@ -164,6 +167,54 @@ class SystemInfoProtocol(LineReceiver, TimeoutMixin):
         self.transport.abortConnection()
 
 
+class SystemInfoStore:
+    """System information on disk, a file per instance: it survives a restart, and the
+    processes sharing a port (reuse_port) see what any of them took in."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, address: str) -> str:
+        return os.path.join(self.directory, address.replace(":", "-").replace("%", "_") + ".json")
+
+    def save(self, address: str, info: SystemInfo) -> None:
+        """Write a document in place of the instance's last one, atomically. Raises OSError."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        path = self._path(address)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"received_at": info.received_at, "text": info.text, "format": info.format,
+                       "peer": info.peer}, f)
+        os.replace(tmp, path)
+
+    def load(self, address: str) -> SystemInfo | None:
+        """The instance's document on disk, if any. Raises OSError or ValueError when unreadable."""
+        try:
+            with open(self._path(address), encoding="utf-8") as f:
+                kept = json.load(f)
+        except FileNotFoundError:
+            return None
+        return SystemInfo(float(kept["received_at"]), str(kept["text"]), str(kept["format"]),
+                          str(kept.get("peer", "")))
+
+
+class _SharedPort(tcp.Port):
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
+
+
+def listen_documents(reactor, port: int, factory: ServerFactory, interface: str,
+                     reuse_port: bool = False, backlog: int = 128):
+    """Listen for documents over TCP; with reuse_port other processes may listen on the port."""
+    if not reuse_port:
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = _SharedPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
 class SystemInfoFactory(ServerFactory):
     """Builds a SystemInfoProtocol per allowed client, up to tcp_max_connections at once."""
 
@@ -171,8 +222,10 @@ class SystemInfoFactory(ServerFactory):
     log = get_logger(__name__)
     noisy = False
 
-    def __init__(self, intake: Intake, max_bytes: int, idle_seconds: float, max_connections: int) -> None:
+    def __init__(self, intake: Intake, max_bytes: int, idle_seconds: float, max_connections: int,
+                 store: SystemInfoStore | None = None) -> None:
         self.intake = intake
+        self.store = store
         self.clock = intake.clock
         self.stats = intake.stats
         self.max_bytes = max_bytes
@@ -199,6 +252,11 @@ class SystemInfoFactory(ServerFactory):
         """Keep a finished document as the instance's latest system information."""
         info = make_system_info(raw, self.clock.seconds(), host)
         self.intake.registry.receive_system_info(host, info)
+        if self.store is not None:
+            try:
+                self.store.save(host, info)
+            except OSError:
+                self.intake.failed("system_info_store", host)
         self.stats["tcp_documents_accepted"] += 1
         self.log.info(
             "System information from {source}: {size} bytes ({kind})",

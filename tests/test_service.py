@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
+from tempesta_ts.buffers import SystemInfo
 from tempesta_ts.config import Config
 from tempesta_ts.errors import StartupError
 from tempesta_ts.service import TroubleshootingService
+from tempesta_ts.sysinfo import SystemInfoStore
 from tests.captures import datagrams, expected_lines
 from tests.waits import wait_until
 
@@ -105,3 +109,74 @@ class ServiceTests(unittest.TestCase):
         yield wait_until(lambda: svc.registry.get("127.0.0.5") is not None)
         yield svc.stopService()
         self.assertEqual([l.text for l in svc.registry.get("127.0.0.5").buffer], ["cut in the midd"])
+
+
+class ReusePortTests(unittest.TestCase):
+    """Several processes on one port (reuse_port); here several services in one process."""
+
+    def start(self, port=0, spool_dir=None, **settings) -> TroubleshootingService:
+        config = Config(
+            host="127.0.0.1", port=port, spool_dir=spool_dir or self.mktemp(), metrics_port=0,
+            reuse_port=True, settle_seconds=0.1, **settings,
+        )
+        svc = TroubleshootingService(config, reactor)
+        svc.privilegedStartService()
+        self.addCleanup(svc.stopService)
+        svc.startService()
+        return svc
+
+    def sender(self, host: str) -> Sender:
+        proto = Sender()
+        port = reactor.listenUDP(0, proto, interface=host)
+        self.addCleanup(port.stopListening)
+        return proto
+
+    @defer.inlineCallbacks
+    def test_services_share_the_port_and_each_instance_stays_on_one(self):
+        shared = self.mktemp()
+        first = self.start(system_info_dir=shared)
+        second = self.start(first.listeners.address[1], system_info_dir=shared)
+        self.assertEqual(first.listeners.address, second.listeners.address)
+        hosts = [f"127.0.0.{n}" for n in range(10, 30)]
+        for host in hosts:
+            grams = [b"6,%d,%d,-;line %d\n" % (n, n, n) for n in range(5)]
+            self.sender(host).send_all(grams, first.listeners.address)
+        yield wait_until(lambda: first.stats["lines"] + second.stats["lines"] == 100)
+        for host in hosts:
+            holders = [svc for svc in (first, second) if svc.registry.get(host) is not None]
+            self.assertEqual(len(holders), 1, host)
+            self.assertEqual(len(holders[0].registry.get(host).buffer), 5)
+
+    @defer.inlineCallbacks
+    def test_a_report_carries_the_system_info_another_process_took(self):
+        shared = self.mktemp()
+        svc = self.start(system_info_dir=shared)
+        # What another process on the port took in over TCP, written where all of them look.
+        SystemInfoStore(shared).save("127.0.0.7", SystemInfo(1.0, '{"taken": "elsewhere"}', "json"))
+        self.sender("127.0.0.7").send_all([b"4,1,1,-;WARNING test message\n"], svc.listeners.address)
+        local = os.path.join(svc.config.spool_dir, "local")
+        yield wait_until(lambda: os.path.isdir(local) and os.listdir(local))
+        (name,) = os.listdir(local)
+        with open(os.path.join(local, name), encoding="utf-8") as f:
+            report = json.load(f)
+        self.assertEqual(report["system_info"]["text"], '{"taken": "elsewhere"}')
+
+    @defer.inlineCallbacks
+    def test_a_document_taken_over_tcp_is_kept_for_the_others(self):
+        shared = self.mktemp()
+        svc = self.start(system_info_dir=shared)
+        client = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, *svc.listeners.address, bindAddress=("127.0.0.8", 0)),
+            protocol.Protocol(),
+        )
+        client.transport.write(b'<sys-info>{"sys_info": {}}</sys-info>')
+        client.transport.loseConnection()
+        yield wait_until(lambda: SystemInfoStore(shared).load("127.0.0.8") is not None)
+        self.assertEqual(SystemInfoStore(shared).load("127.0.0.8").text, '{"sys_info": {}}')
+
+    def test_a_second_process_on_the_same_spool_dir_is_refused(self):
+        shared = self.mktemp()
+        first = self.start(system_info_dir=shared)
+        with self.assertRaises(StartupError) as caught:
+            self.start(first.listeners.address[1], spool_dir=first.config.spool_dir, system_info_dir=shared)
+        self.assertIn(f"is in use by another tempesta-ts process (pid {os.getpid()})", str(caught.exception))

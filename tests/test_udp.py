@@ -14,7 +14,14 @@ from twisted.trial import unittest
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.intake import Intake
-from tempesta_ts.udp import NetconsolePort, NetconsoleProtocol, enlarge_receive_buffer
+from tempesta_ts.udp import (
+    MIN_BUFFER_TO_REST,
+    READ_PAUSE_SECONDS,
+    NetconsolePort,
+    NetconsoleProtocol,
+    enlarge_receive_buffer,
+    listen_netconsole,
+)
 from tests.captures import datagrams, expected_lines
 from tests.waits import wait_until
 
@@ -74,6 +81,22 @@ class NetconsoleProtocolTests(unittest.TestCase):
         for _ in range(50):
             proto.datagramReceived(b"x\n", ("192.0.2.1", 6665))
         self.assertEqual(stats["udp_errors"], 50)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_one_failing_datagram_of_a_batch_does_not_stop_the_rest(self):
+        proto, registry, _, stats = make()
+        receive = registry.receive_datagram
+
+        def fragile(host, data, now):
+            if data == b"bad\n":
+                raise RuntimeError("boom")
+            receive(host, data, now)
+
+        registry.receive_datagram = fragile
+        proto.datagramsReceived([(b"one\n", ("192.0.2.1", 1)), (b"bad\n", ("192.0.2.1", 1)),
+                                 (b"two\n", ("192.0.2.1", 1))])
+        self.assertEqual([l.text for l in registry.get("192.0.2.1").buffer], ["one", "two"])
+        self.assertEqual((stats["datagrams"], stats["bytes"], stats["udp_errors"]), (3, 12, 1))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_garbage_is_kept_visibly_and_malformed_headers_counted(self):
@@ -140,3 +163,12 @@ class NetconsolePortTests(unittest.TestCase):
         second = self.listen(make()[0], first.getHost().port, reuse_port=True)
         self.assertEqual(first.getHost().port, second.getHost().port)
         self.assertRaises(CannotListenError, self.listen, make()[0], first.getHost().port)
+
+    def test_only_a_large_receive_buffer_lets_reading_rest(self):
+        for wanted in (65536, 8 * 1024 * 1024):
+            proto, _, _, _ = make()
+            proto.receive_buffer_wanted = wanted
+            port = listen_netconsole(reactor, 0, proto, "127.0.0.1")
+            self.addCleanup(port.stopListening)
+            room = proto.receive_buffer_granted >= MIN_BUFFER_TO_REST
+            self.assertEqual(port.pause, READ_PAUSE_SECONDS if room else 0.0, wanted)
