@@ -70,6 +70,7 @@ class NetconsolePort(udp.Port):
         batch: list[tuple[bytes, tuple]] = []
         append = batch.append
         drained = False
+        failure = None
         for _ in range(MAX_BATCH):
             try:
                 append(recvfrom(size))
@@ -78,13 +79,19 @@ class NetconsolePort(udp.Port):
                     drained = True
                     break
                 if e.errno != errno.ECONNREFUSED:
-                    raise
+                    failure = e
+                    break
         if batch:
             # The protocol catches its own failures; nothing read may stop the reading.
             try:
                 self.protocol.datagramsReceived(batch)
             except BaseException:
                 udp.log.err()
+        if failure is not None:
+            # Twisted would close the port; a collector must go on listening. What was read
+            # is kept, the error counted, and reading rests before it tries again.
+            self.protocol.readFailed(failure)
+            drained = True
         if drained:
             self._rest()
 
@@ -155,3 +162,10 @@ class NetconsoleProtocol(DatagramProtocol):
                 intake.failed("udp", addr)
         stats["datagrams"] += len(batch)
         stats["bytes"] += received
+
+    def readFailed(self, error: OSError) -> None:
+        """The socket failed to give a datagram: counted, logged once per burst."""
+        try:
+            raise error
+        except OSError:
+            self.intake.failed("udp", "the socket")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections import Counter
@@ -172,3 +173,27 @@ class NetconsolePortTests(unittest.TestCase):
             self.addCleanup(port.stopListening)
             room = proto.receive_buffer_granted >= MIN_BUFFER_TO_REST
             self.assertEqual(port.pause, READ_PAUSE_SECONDS if room else 0.0, wanted)
+
+    @defer.inlineCallbacks
+    def test_a_socket_error_is_counted_and_reading_goes_on(self):
+        proto, registry, _, stats = make()
+        port = self.listen(proto, pause=0.01)
+        real = port.socket
+        failing = [True]
+
+        class Flaky:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def recvfrom(self, size):
+                if failing:
+                    failing.clear()
+                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
+                return real.recvfrom(size)
+
+        port.socket = Flaky()
+        self.addCleanup(setattr, port, "socket", real)
+        self.send(port, 3)
+        yield wait_until(lambda: stats["datagrams"] == 3)
+        self.assertEqual(stats["udp_errors"], 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
