@@ -27,17 +27,17 @@ class Sender(protocol.DatagramProtocol):
             self.transport.write(gram, address)
 
 
-class ServiceTests(unittest.TestCase):
-    """Datagrams from several sources and a TCP document reach the right buffers."""
+class LoopbackTestCase(unittest.TestCase):
+    """Starts services on 127.0.0.1 and senders on other loopback addresses."""
 
-    def start(self, **settings) -> TroubleshootingService:
+    def start(self, port=0, **settings) -> TroubleshootingService:
         # No web endpoint: its default port is fixed (tests/test_web.py covers it).
         settings.setdefault("metrics_port", 0)
-        config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(), **settings)
-        svc = TroubleshootingService(config, reactor)
+        settings.setdefault("spool_dir", self.mktemp())
+        svc = TroubleshootingService(Config(host="127.0.0.1", port=port, **settings), reactor)
         svc.privilegedStartService()
-        svc.startService()
         self.addCleanup(svc.stopService)
+        svc.startService()
         return svc
 
     def sender(self, host: str) -> Sender:
@@ -45,6 +45,10 @@ class ServiceTests(unittest.TestCase):
         port = reactor.listenUDP(0, proto, interface=host)
         self.addCleanup(port.stopListening)
         return proto
+
+
+class ServiceTests(LoopbackTestCase):
+    """Datagrams from several sources and a TCP document reach the right buffers."""
 
     @defer.inlineCallbacks
     def test_datagrams_from_several_sources_and_a_document_reach_their_buffers(self):
@@ -111,25 +115,11 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual([l.text for l in svc.registry.get("127.0.0.5").buffer], ["cut in the midd"])
 
 
-class ReusePortTests(unittest.TestCase):
+class ReusePortTests(LoopbackTestCase):
     """Several processes on one port (reuse_port); here several services in one process."""
 
-    def start(self, port=0, spool_dir=None, **settings) -> TroubleshootingService:
-        config = Config(
-            host="127.0.0.1", port=port, spool_dir=spool_dir or self.mktemp(), metrics_port=0,
-            reuse_port=True, settle_seconds=0.1, **settings,
-        )
-        svc = TroubleshootingService(config, reactor)
-        svc.privilegedStartService()
-        self.addCleanup(svc.stopService)
-        svc.startService()
-        return svc
-
-    def sender(self, host: str) -> Sender:
-        proto = Sender()
-        port = reactor.listenUDP(0, proto, interface=host)
-        self.addCleanup(port.stopListening)
-        return proto
+    def start(self, port=0, **settings) -> TroubleshootingService:
+        return super().start(port, reuse_port=True, settle_seconds=0.1, **settings)
 
     @defer.inlineCallbacks
     def test_services_share_the_port_and_each_instance_stays_on_one(self):
