@@ -290,8 +290,12 @@ class TroubleshootingService(service.MultiService):
         sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
         waiting = self.reporter.spool.count
         spool = f"{waiting} reports wait in the spool" if waiting else "spool empty"
+        shared = (
+            f" (shared with other processes: reuse_port; system information in {c.system_info_dir})"
+            if c.reuse_port else ""
+        )
         return (
-            f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}; {rcvbuf}; "
+            f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}{shared}; {rcvbuf}; "
             f"{target}; {tls}; {spool}; accepting {sources}; {metrics}; log level {c.log_level}"
         )
 

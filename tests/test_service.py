@@ -164,6 +164,14 @@ class ReusePortTests(LoopbackTestCase):
         yield wait_until(lambda: SystemInfoStore(shared).load("127.0.0.8") is not None)
         self.assertEqual(SystemInfoStore(shared).load("127.0.0.8").text, '{"sys_info": {}}')
 
+    def test_the_start_up_line_says_the_port_is_shared(self):
+        svc = self.start(system_info_dir="/var/lib/tempesta-ts/system-info")
+        self.assertIn(
+            ":%d (shared with other processes: reuse_port; system information in "
+            "/var/lib/tempesta-ts/system-info);" % svc.listeners.address[1],
+            svc.summary(),
+        )
+
     def test_a_second_process_on_the_same_spool_dir_is_refused(self):
         shared = self.mktemp()
         first = self.start(system_info_dir=shared)
