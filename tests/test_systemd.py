@@ -20,6 +20,7 @@ from tests.processes import ROOT, STARTED, TWISTD, run, spawn
 from tests.waits import wait_until
 
 UNIT = os.path.join(ROOT, "contrib", "tempesta-ts.service")
+REUSE_PORT_DROP_IN = os.path.join(ROOT, "contrib", "tempesta-ts@.service.d", "reuse-port.conf")
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 SECONDS = 30
 
@@ -326,6 +327,22 @@ class UnitFileTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_systemd_analyze_verify_finds_nothing(self):
         out, err, code = yield run("systemd-analyze", "verify", self.unit_here())
+        self.assertEqual((code, err.decode() + out.decode()), (0, ""))
+
+    @defer.inlineCallbacks
+    def test_the_reuse_port_template_verifies_with_its_drop_in(self):
+        directory = os.path.dirname(self.unit_here())
+        os.rename(os.path.join(directory, "tempesta-ts.service"), os.path.join(directory, "tempesta-ts@.service"))
+        drop_ins = os.path.join(directory, "tempesta-ts@.service.d")
+        os.makedirs(drop_ins)
+        with open(REUSE_PORT_DROP_IN) as f:
+            text = f.read()
+        for flag in ("--reuse-port", "--spool-dir /var/lib/tempesta-ts/%i", "--metrics-port %i",
+                     "--system-info-dir "):
+            self.assertIn(flag, text)
+        with open(os.path.join(drop_ins, "reuse-port.conf"), "w") as f:
+            f.write(text.replace("/usr/local/bin/twistd", shutil.which("twistd") or "/bin/true"))
+        out, err, code = yield run("systemd-analyze", "verify", os.path.join(directory, "tempesta-ts@9478.service"))
         self.assertEqual((code, err.decode() + out.decode()), (0, ""))
 
     @defer.inlineCallbacks
