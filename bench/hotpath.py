@@ -4,7 +4,7 @@ No sockets and no reactor turns: the decoder, the registry, the buffers and the 
 tracker's look at each line, as the service wires them. For profiling changes to the hot path
 before measuring them end to end with bench/ingest.py.
 
-    python bench/hotpath.py [--datagrams 200000] [--instances 1,100,10000] [--profile]
+    python bench/hotpath.py [--datagrams 200000] [--instances 1,100,10000] [--format plain] [--profile]
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ LINES = [
 ]
 
 
+def gram(fmt: str, seq: int, usec: int) -> bytes:
+    """The datagram netconsole sends for the instance's seq-th line, as bench/sender.c does."""
+    line = LINES[seq % 4]
+    if fmt == "plain":
+        return b"[%5d.%06d] %s\n" % (usec // 1_000_000, usec % 1_000_000, line)
+    return b"6,%d,%d,-;%s\n" % (seq, usec, line)
+
+
 def protocol(instances: int) -> NetconsoleProtocol:
     stats = dict.fromkeys(KNOWN_STATS, 0)
     registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats)
@@ -55,13 +63,14 @@ def main() -> None:
     parser.add_argument("--instances", default="1,100,10000")
     parser.add_argument("--batch", type=int, default=64,
                         help="datagrams a read of the socket finds (about 50 at 50,000/s)")
+    parser.add_argument("--format", choices=("extended", "plain"), default="extended")
     parser.add_argument("--profile", action="store_true", help="cProfile the last case")
     args = parser.parse_args()
     n = args.datagrams
     for instances in [int(i) for i in args.instances.split(",")]:
         proto = protocol(instances)
         grams = [
-            (b"6,%d,%d,-;%s\n" % (i // instances, i, LINES[(i // instances) % 4]),
+            (gram(args.format, i // instances, i),
              (f"127.1.{(i % instances) // 250}.{(i % instances) % 250 + 1}", 6666))
             for i in range(n)
         ]

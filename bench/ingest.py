@@ -1,10 +1,10 @@
-"""Ingest benchmark: the highest zero-loss rate of extended-format datagrams, and CPU per datagram.
+"""Ingest benchmark: the highest zero-loss rate of netconsole datagrams, and CPU per datagram.
 
 Starts the real server under twistd on loopback, drives it with bench/sender.c (sendmmsg, built
 here with cc), and does the same for a bare Python recvfrom loop (bench/bare_receiver.py), the
 ceiling for any Python receiver on this machine. Prints the figures and the machine.
 
-    python bench/ingest.py [--seconds 3] [--instances 1,100,10000] [--quick]
+    python bench/ingest.py [--seconds 3] [--instances 1,100,10000] [--format extended|plain]
 
 Every run is bounded: each trial lasts --seconds, the search takes at most --steps trials per
 case, and every child process is killed at the end. Traffic goes to 127.0.0.0/8 only.
@@ -184,7 +184,8 @@ class Server:
                 proc.wait()
 
 
-def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) -> Trial:
+def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int,
+              fmt: str = "extended") -> Trial:
     port = free_port()
     receiver.start(port, sources)
     try:
@@ -192,7 +193,8 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) ->
         cpu_of = getattr(receiver, "cpu", lambda: cpu_seconds(receiver.proc.pid))
         cpu = cpu_of()
         out = subprocess.run(
-            [sender, str(port), str(rate), str(seconds), str(sources)],
+            [sender, str(port), str(rate), str(seconds), str(sources),
+             "plain" if fmt == "plain" else "lines"],
             check=True, capture_output=True, text=True, timeout=seconds + 120,
         ).stdout
         sent = int(out.split()[1])
@@ -209,11 +211,12 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int) ->
     return Trial(rate, sources, sent, received, lines, errors, used)
 
 
-def highest_lossless_rate(receiver, sender, seconds, sources, start, steps) -> tuple[int, list]:
+def highest_lossless_rate(receiver, sender, seconds, sources, start, steps,
+                          fmt="extended") -> tuple[int, list]:
     """Double the rate until a trial loses, then bisect; the best lossless rate seen."""
     trials, good, bad, rate = [], 0, None, start
     for _ in range(steps):
-        t = run_trial(receiver, sender, rate, seconds, sources)
+        t = run_trial(receiver, sender, rate, seconds, sources, fmt)
         trials.append(t)
         print(f"    {receiver.name:20} {sources:6} sources  {rate:8}/s asked  "
               f"{t.sent / seconds:9.0f}/s sent  lost {t.sent - t.received:7}  "
@@ -254,10 +257,13 @@ def main() -> None:
     parser.add_argument("--cpu-rate", type=int, default=50_000)
     parser.add_argument("--processes", type=int, default=1,
                         help="also measure this many server processes sharing the port (reuse_port)")
+    parser.add_argument("--format", choices=("extended", "plain"), default="extended",
+                        help="netconsole's extended format (+) or plain lines")
     args = parser.parse_args()
     if shutil.which("cc") is None:
         sys.exit("needs a C compiler (cc) to build the sender")
     print(machine())
+    print(f"{args.format} format")
     with tempfile.TemporaryDirectory() as tmp:
         sender = build_sender(tmp)
         results = {}
@@ -267,7 +273,7 @@ def main() -> None:
                 receivers.append(Server(tmp, args.processes))
             for receiver in receivers:
                 best, _ = highest_lossless_rate(
-                    receiver, sender, args.seconds, sources, 25_000, args.steps)
+                    receiver, sender, args.seconds, sources, 25_000, args.steps, args.format)
                 results[(receiver.name, sources)] = best
         print("\nhighest zero-loss rate (datagrams/s):")
         for sources in [int(n) for n in args.instances.split(",")]:
@@ -278,7 +284,7 @@ def main() -> None:
                     print(f"  {sources:6} instances: bare {bare:8}  {name[0]} {ours:8}  ({share} of bare)")
         print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s:")
         for receiver in (BareReceiver(), Server(tmp)):
-            t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100)
+            t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100, args.format)
             per = 1e6 * t.cpu_seconds / max(t.received, 1)
             print(f"  {receiver.name:20} {per:6.2f} us  (received {t.received} of {t.sent}, "
                   f"{t.lines} lines)")

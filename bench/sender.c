@@ -2,9 +2,10 @@
  * A netconsole-like load generator that is not the bottleneck: extended-format datagrams of
  * about 120 bytes, from N source addresses in 127.0.0.0/8, paced to a rate, sent with sendmmsg.
  *
- * usage: sender PORT RATE SECONDS SOURCES [fragments|lines] [FIRST_SOURCE]
- * With "fragments", every datagram is the first fragment of a message that never completes
- * (to show the reassembly bounds).
+ * usage: sender PORT RATE SECONDS SOURCES [lines|plain|fragments] [FIRST_SOURCE]
+ * "lines" (the default) sends extended-format lines, "plain" plain-format ones as netconsole
+ * sends them without "+" ("[seconds.micros] text"). With "fragments", every datagram is the
+ * first fragment of a message that never completes (to show the reassembly bounds).
  * prints: "sent N datagrams in S seconds" on stdout.
  * Source i is 127.(1 + i / 65536).((i / 256) % 256).(i % 256 + 1 avoiding .0/.255 clashes).
  */
@@ -55,6 +56,7 @@ int main(int argc, char **argv)
 	double rate = atof(argv[2]), seconds = atof(argv[3]);
 	long sources = atol(argv[4]);
 	int fragments = argc > 5 && strcmp(argv[5], "fragments") == 0;
+	int plain = argc > 5 && strcmp(argv[5], "plain") == 0;
 	long first = argc > 6 ? atol(argv[6]) : 0;
 	struct rlimit rl = { sources + 64, sources + 64 };
 	if (setrlimit(RLIMIT_NOFILE, &rl) && sources > 1000)
@@ -91,10 +93,13 @@ int main(int argc, char **argv)
 		}
 		int n = due - sent < BATCH ? (int)(due - sent) : BATCH;
 		for (int k = 0; k < n; k++) {
-			int len = snprintf(bufs[k], sizeof(bufs[k]),
-					   fragments ? "6,%lu,%lu,-,ncfrag=0/60000;%s" : "6,%lu,%lu,-;%s\n",
-					   seqs[source], (unsigned long)((t - start) * 1e6),
-					   LINES[seqs[source] % NLINES]);
+			unsigned long usec = (unsigned long)((t - start) * 1e6);
+			int len = plain ?
+				snprintf(bufs[k], sizeof(bufs[k]), "[%5lu.%06lu] %s\n", usec / 1000000,
+					 usec % 1000000, LINES[seqs[source] % NLINES]) :
+				snprintf(bufs[k], sizeof(bufs[k]),
+					 fragments ? "6,%lu,%lu,-,ncfrag=0/60000;%s" : "6,%lu,%lu,-;%s\n",
+					 seqs[source], usec, LINES[seqs[source] % NLINES]);
 			seqs[source]++;
 			iovs[k].iov_base = bufs[k];
 			iovs[k].iov_len = len;

@@ -37,13 +37,12 @@ REORDER_WINDOW = 64
 REBOOT_MARGIN_US = 1_000_000
 
 # The common datagram's header: level, sequence number, kernel time, flags and
-# CONFIG_PRINTK_CALLER's caller id; the empty group stands for the release of the second form,
-# which netconsole's "r" option puts first (a release is not all digits). Up to 19 digits a
-# number fits the record's 64 bits; longer ones take the general path.
-_COMMON_HEADER = re.compile(rb"()(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;")
-_RELEASE_HEADER = re.compile(
-    rb"([^,;]{0,64}[^,;0-9][^,;]{0,64}),(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;"
-)
+# CONFIG_PRINTK_CALLER's caller id. Netconsole's "r" option puts the kernel release and a comma
+# before it (a release is not all digits). Up to 19 digits a number fits the record's 64 bits;
+# longer ones take the general path.
+_COMMON_HEADER = re.compile(rb"(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;")
+#: The longest kernel release the common path looks for before the header.
+MAX_RELEASE_BYTES = 128
 #: A line as the buffers keep it: its text's length, received_at, seq, kernel_time_us and
 #: level, then the text as UTF-8. Records of one instance are kept back to back.
 _RECORD = struct.Struct("<IdQQB")
@@ -332,23 +331,35 @@ class Decoder:
     def record(self, data: bytes, now: float) -> bytes | None:
         """The common datagram, decoded in one piece into a packed record; None for the rest.
 
-        The common datagram is an extended message of one line, whole, without dictionary or
-        escapes. Its record is about as large as the datagram, where a `LogLine` costs three
-        times its text. A duplicate gives b"". Anything else is left to `feed`.
+        The common datagram is one whole line: an extended message without dictionary or
+        escapes, or a plain line. Its record is about as large as the datagram, where a
+        `LogLine` costs three times its text. b"" means nothing to keep (a duplicate, a blank
+        line). Anything else is left to `feed_other`.
         """
-        m = _COMMON_HEADER.match(data) or _RELEASE_HEADER.match(data)
-        if m is None or self._partial:
+        # Only ASCII text reads the same as bytes and as str.
+        if self._partial or not data.isascii():
             return None
+        m = _COMMON_HEADER.match(data)
+        release = b""
+        if m is None:
+            # A release first? Searched for by its comma, not by a pattern: a pattern that
+            # must find where a release ends backtracks through every plain line.
+            comma = data.find(b",", 1, MAX_RELEASE_BYTES + 1)
+            m = _COMMON_HEADER.match(data, comma + 1) if comma > 0 else None
+            if m is None:
+                return self._plain_record(data, now)
+            release = data[:comma]
+            if b";" in release or release.isdigit():
+                return None
         start = m.end()
         end = data.find(b"\n", start)
         if end < 0:
             end = len(data)
         elif end != len(data) - 1:
             return None
-        # Escapes need unescaping, and only ASCII text reads the same as bytes and as str.
-        if data.find(b"\\", start) >= 0 or not data.isascii():
+        if data.find(b"\\", start) >= 0:
             return None
-        seq, time_us = int(m[3]), int(m[4])
+        seq, time_us = int(m[2]), int(m[3])
         sequence = self.sequence
         highest = sequence.highest
         if highest is not None and seq == highest + 1:
@@ -357,10 +368,24 @@ class Decoder:
         elif not sequence.accept(seq, time_us):
             self.stats["duplicate_messages"] += 1
             return b""
-        if m[1] and m[1] != self._release_raw:
-            self._release_raw = m[1]
-            self.release = m[1].decode("ascii")
-        return _RECORD.pack(end - start, now, seq, time_us, int(m[2]) & 7) + data[start:end]
+        if release and release != self._release_raw:
+            self._release_raw = release
+            self.release = release.decode("ascii")
+        return _RECORD.pack(end - start, now, seq, time_us, int(m[1]) & 7) + data[start:end]
+
+    def _plain_record(self, data: bytes, now: float) -> bytes | None:
+        # A plain line whole in its datagram, as netconsole sends each one. A ";" near the
+        # start could make it an extended header: parse_extended_header decides that.
+        end = len(data) - 1
+        if end < 0 or data.find(b"\n") != end or data.find(b";", 7, 256) >= 0:
+            return None
+        raw = data[:end].rstrip(b"\r")
+        if not raw.strip():
+            return b""
+        m = _PLAIN_PREFIX.match(raw)
+        level = _NO_LEVEL if m[1] is None else int(m[1]) & 7
+        time_us = _NO_NUMBER if m[2] is None else int(m[2]) * 1_000_000 + int(m[3])
+        return _RECORD.pack(len(raw) - m.end(), now, _NO_NUMBER, time_us, level) + raw[m.end() :]
 
     def feed(self, data: bytes, now: float) -> list[LogLine]:
         """Decode one datagram; return the lines it completes."""

@@ -371,6 +371,45 @@ class FastPathTests(unittest.TestCase):
         self.assertEqual(fast.release, general.release)
         self.assertEqual(fast.feed(gram, 2.0), general.feed_other(gram, 2.0))
 
+    @settings(max_examples=300)
+    @given(
+        st.sampled_from([b"", b"<4>", b"<12>", b"<x>"]),
+        st.sampled_from([b"", b"[    6.052722] ", b"[12345.123456]", b"[  1.2] ", b"[    0.000000] "]),
+        st.binary(max_size=300),
+        st.sampled_from([b"", b"\n", b"\r\n", b"\n\n"]),
+    )
+    def test_plain_fast_path_agrees_with_the_general_path(self, level, time, text, tail):
+        gram = level + time + text + tail
+        fast, general = Decoder(), Decoder()
+        self.assertEqual(fast.feed(gram, 1.0), general.feed_other(gram, 1.0))
+        self.assertEqual(fast.feed(gram, 2.0), general.feed_other(gram, 2.0))
+        self.assertEqual(fast.flush(3.0), general.flush(3.0))
+
+    @settings(max_examples=500)
+    @given(
+        st.sampled_from([b"", b"6,", b"6.1.0,", b"6.1.0,6,", b"4,7,", b"[ 1.000000] ", b"<6>"]),
+        st.binary(max_size=200),
+    )
+    def test_any_datagram_decodes_the_same_on_both_paths(self, start, rest):
+        gram = start + rest
+        fast, general = Decoder(), Decoder()
+        self.assertEqual(fast.feed(gram, 1.0), general.feed_other(gram, 1.0))
+        self.assertEqual(fast.release, general.release)
+        self.assertEqual(fast.stats, general.stats)
+
+    def test_plain_line_is_kept_as_its_text_and_a_fixed_header(self):
+        gram = b"<4>[   12.000001] WARNING: CPU: 0 PID: 1 at kernel/x.c:1\n"
+        record = Decoder().record(gram, 5.0)
+        self.assertEqual(
+            unpack_record(record)[0],
+            LogLine(5.0, "WARNING: CPU: 0 PID: 1 at kernel/x.c:1", 4, None, 12_000_001),
+        )
+
+    def test_a_comma_early_in_a_line_decodes_as_on_the_general_path(self):
+        gram = b"[    1.000000] a,6,1,2,-;x\n"
+        self.assertEqual(Decoder().feed(gram, 1.0), Decoder().feed_other(gram, 1.0))
+        self.assertIsNone(Decoder().record(b"12345,6,1,2,-;all digits is no release\n", 1.0))
+
     def test_common_datagram_is_kept_as_its_text_and_a_fixed_header(self):
         gram = b"6,42,1000,-;[tempesta fw] Warning: frang: connections rate exceeded\n"
         record = Decoder().record(gram, 5.0)
