@@ -6,10 +6,10 @@ bounded in lines and bytes, with what it knows of the instance. Pure code: time 
 
 from __future__ import annotations
 
-import re
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from itertools import chain
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from tempesta_ts.netconsole import (
     RECORD_TEXT,
@@ -19,6 +19,9 @@ from tempesta_ts.netconsole import (
     record_text_length,
     unpack_record,
 )
+
+if TYPE_CHECKING:
+    from tempesta_ts.incidents import LineFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,72 +49,114 @@ class LogBuffer:
     """A ring of log lines bounded by count and by bytes of text; counts what it pushed out.
 
     Lines are kept as packed records (`netconsole.pack_line`), the newest in a short list,
-    older ones sealed CHUNK_LINES at a time into one bytes object. Pushing out the oldest line
-    moves a read offset; a chunk goes once all its lines have. Reading gives `LogLine`s.
+    older ones sealed CHUNK_LINES at a time into one bytes object. Memory lets go of a whole
+    chunk at a time, once every line in it is out of the bounds; until then reading skips
+    those lines. So appending a line costs no more when the buffer is full, and a buffer
+    holds at most 2 * CHUNK_LINES - 1 lines more than it shows. Reading gives `LogLine`s.
     """
 
-    __slots__ = ("max_lines", "max_bytes", "_chunks", "_head", "_newest", "count", "bytes", "dropped")
+    __slots__ = ("max_lines", "max_bytes", "_chunks", "_chunk_bytes", "_newest", "stored",
+                 "stored_bytes", "released", "_hidden_at")
 
     def __init__(self, max_lines: int, max_bytes: int) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self._chunks: deque[bytes] = deque()
-        #: Where the oldest line still held starts in _chunks[0].
-        self._head = 0
+        #: Bytes of text in each chunk of _chunks.
+        self._chunk_bytes: deque[int] = deque()
         self._newest: list[bytes] = []
-        self.count = 0
-        #: Bytes of UTF-8 text held.
-        self.bytes = 0
-        #: Lines pushed out by the bounds since the instance was first seen.
-        self.dropped = 0
+        #: Lines and bytes of UTF-8 text in memory, those out of the bounds included.
+        self.stored = 0
+        self.stored_bytes = 0
+        #: Lines memory let go of since the instance was first seen.
+        self.released = 0
+        # _hidden()'s answer and the count of lines ever appended it was for.
+        self._hidden_at: tuple[int, tuple[int, int]] = (0, (0, 0))
 
     def append_record(self, record: bytes) -> int:
-        """Append a packed record; return how many older lines were pushed out."""
+        """Append a packed record; return how many older lines memory let go of."""
         newest = self._newest
         newest.append(record)
+        self.stored += 1
+        self.stored_bytes += len(record) - RECORD_TEXT
         if len(newest) == CHUNK_LINES:
-            self._chunks.append(b"".join(newest))
-            newest.clear()
-        self.count += 1
-        self.bytes += len(record) - RECORD_TEXT
-        if self.count > self.max_lines or self.bytes > self.max_bytes:
-            return self.trim()
+            return self._seal()
         return 0
 
     def extend(self, lines: Sequence[LogLine]) -> int:
-        """Append lines, oldest first; return how many older lines were pushed out."""
+        """Append lines, oldest first; return how many older lines memory let go of."""
         return sum(self.append_record(pack_line(line)) for line in lines)
 
-    def trim(self) -> int:
-        """Push out the oldest lines until the bounds hold; return how many went."""
-        pushed = 0
-        # The newest line always stays, even when it alone is over max_bytes.
-        while self.count > self.max_lines or (self.bytes > self.max_bytes and self.count > 1):
-            if self._chunks:
-                chunk = self._chunks[0]
-                length = record_text_length(chunk, self._head)
-                self._head += RECORD_TEXT + length
-                if self._head >= len(chunk):
-                    self._chunks.popleft()
-                    self._head = 0
-            else:
-                length = len(self._newest.pop(0)) - RECORD_TEXT
-            self.bytes -= length
-            self.count -= 1
-            pushed += 1
-        self.dropped += pushed
-        return pushed
+    def _seal(self) -> int:
+        chunk = b"".join(self._newest)
+        self._newest.clear()
+        self._chunks.append(chunk)
+        self._chunk_bytes.append(len(chunk) - CHUNK_LINES * RECORD_TEXT)
+        # The oldest chunk goes once the lines after it fill a bound by themselves: every
+        # line in it is then out. The newest chunk always stays.
+        released = 0
+        chunks, sizes = self._chunks, self._chunk_bytes
+        while len(chunks) > 1 and (
+            self.stored - CHUNK_LINES >= self.max_lines
+            or self.stored_bytes - sizes[0] > self.max_bytes
+        ):
+            chunks.popleft()
+            self.stored -= CHUNK_LINES
+            self.stored_bytes -= sizes.popleft()
+            released += CHUNK_LINES
+        self.released += released
+        return released
+
+    def _hidden(self) -> tuple[int, int]:
+        """Lines at the start of memory that are out of the bounds, and their bytes of text."""
+        appended = self.stored + self.released
+        if self._hidden_at[0] == appended:
+            return self._hidden_at[1]
+        lines = text = 0
+        if self.stored > self.max_lines or self.stored_bytes > self.max_bytes:
+            records = self._records(chain(self._chunks, self._newest))
+            # The newest line always stays, even when it alone is over max_bytes.
+            while self.stored - lines > self.max_lines or (
+                self.stored_bytes - text > self.max_bytes and self.stored - lines > 1
+            ):
+                chunk, offset = next(records)
+                text += record_text_length(chunk, offset)
+                lines += 1
+        self._hidden_at = (appended, (lines, text))
+        return lines, text
+
+    @staticmethod
+    def _records(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int]]:
+        for chunk in chunks:
+            offset = 0
+            while offset < len(chunk):
+                yield chunk, offset
+                offset += RECORD_TEXT + record_text_length(chunk, offset)
+
+    @property
+    def hidden_lines(self) -> int:
+        """Lines out of the bounds that memory still holds (until their chunk goes)."""
+        return self._hidden()[0]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of UTF-8 text of the lines held."""
+        return self.stored_bytes - self._hidden()[1]
+
+    @property
+    def dropped(self) -> int:
+        """Lines pushed out by the bounds since the instance was first seen."""
+        return self.released + self._hidden()[0]
 
     def __len__(self) -> int:
-        return self.count
+        return self.stored - self._hidden()[0]
 
     def __iter__(self) -> Iterator[LogLine]:
-        chunks, offset = list(self._chunks), self._head
-        for chunk in chunks + self._newest:
-            while offset < len(chunk):
-                line, offset = unpack_record(chunk, offset)
-                yield line
-            offset = 0
+        hidden = self._hidden()[0]
+        # A copy: the reader may go on after more lines came.
+        for n, (chunk, offset) in enumerate(self._records(list(self._chunks) + self._newest)):
+            if n >= hidden:
+                yield unpack_record(chunk, offset)[0]
 
 
 class Instance:
@@ -164,7 +209,7 @@ class BufferRegistry:
         self.observers: list[LinesObserver] = []
         #: Per first byte of a line, a pattern it must match for the observers to see it
         #: (`Rules.line_filter`); None: they see every line. Watched instances show all.
-        self.line_filter: Sequence[re.Pattern | None] | None = None
+        self.line_filter: LineFilter | None = None
         self.evicted: list[Callable[[Instance], None]] = []
 
     def __len__(self) -> int:
@@ -225,8 +270,14 @@ class BufferRegistry:
             # Most lines cannot start an incident: they are not even decoded to text.
             table = self.line_filter
             if table is not None and not instance.watched and len(record) > RECORD_TEXT:
-                pattern = table[record[RECORD_TEXT]]
-                if pattern is None or pattern.match(record, RECORD_TEXT) is None:
+                entry = table[record[RECORD_TEXT]]
+                if entry is None:
+                    return
+                # bytes.find, not "in": "in" tries the needle as an integer first.
+                needle, pattern = entry
+                if needle and record.find(needle, RECORD_TEXT) < 0:
+                    return
+                if pattern.match(record, RECORD_TEXT) is None:
                     return
             line = unpack_record(record)[0]
             for observer in self.observers:
@@ -282,6 +333,7 @@ class BufferRegistry:
             if lines:
                 self._append(instance, lines)
         self.stats["instances_evicted"] += 1
+        self.stats["lines_pushed_out"] += instance.buffer.hidden_lines
         for callback in self.evicted:
             callback(instance)
 
@@ -291,6 +343,14 @@ class BufferRegistry:
         # Only instances in _waiting can have any: a scrape does not walk the whole registry.
         instances = self._instances
         return sum(instances[a].decoder.pending_messages for a in self._waiting if a in instances)
+
+    def counters(self) -> dict[str, int]:
+        """The shared counters as they stand now: lines_pushed_out also counts the lines out
+        of the bounds that buffers still hold (memory lets go of them a chunk at a time)."""
+        out = dict(self.stats)
+        hidden = sum(i.buffer.hidden_lines for i in self._instances.values())
+        out["lines_pushed_out"] = out.get("lines_pushed_out", 0) + hidden
+        return out
 
     @property
     def buffered_bytes(self) -> int:

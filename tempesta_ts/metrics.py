@@ -184,7 +184,7 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
-        stats = server.stats
+        stats = server.registry.counters()
 
         info = GaugeMetricFamily(
             PREFIX + "build_info", "The tempesta-ts version, as a label; always 1.",

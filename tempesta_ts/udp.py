@@ -11,6 +11,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from tempesta_ts.access import instance_address
 from tempesta_ts.intake import Intake
+from tempesta_ts.recvmmsg import BatchReader
 
 # Linux only; the kernel lets CAP_NET_ADMIN pass net.core.rmem_max with it.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -49,14 +50,18 @@ class NetconsolePort(udp.Port):
 
     A fast receiver woken for every datagram spends more on waking (epoll, the reactor's
     turn, the final EAGAIN) than on the datagram. Once the socket is drained it stops
-    reading for READ_PAUSE_SECONDS; the kernel queues what comes meanwhile.
+    reading for READ_PAUSE_SECONDS; the kernel queues what comes meanwhile. Where the C
+    library has recvmmsg, one system call reads up to 64 datagrams (`recvmmsg.BatchReader`).
     """
 
     def __init__(self, port, proto, interface="", maxPacketSize=65535, reactor=None,
-                 reuse_port=False, pause=READ_PAUSE_SECONDS):
+                 reuse_port=False, pause=READ_PAUSE_SECONDS, batch_reads=True):
         super().__init__(port, proto, interface, maxPacketSize, reactor)
         self.reuse_port = reuse_port
         self.pause = pause
+        self.batch_reads = batch_reads
+        #: Reads many datagrams a system call; None: one recvfrom a datagram.
+        self.reader: BatchReader | None = None
         self._resume = None
 
     def createInternetSocket(self) -> socket.socket:
@@ -65,15 +70,25 @@ class NetconsolePort(udp.Port):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return sock
 
+    def startListening(self) -> None:
+        super().startListening()
+        if self.batch_reads and BatchReader.available():
+            self.reader = BatchReader(self.socket)
+
     def doRead(self) -> None:
-        recvfrom, size = self.socket.recvfrom, self.maxPacketSize
+        recvfrom, size, reader = self.socket.recvfrom, self.maxPacketSize, self.reader
         batch: list[tuple[bytes, tuple]] = []
         append = batch.append
         drained = False
         failure = None
-        for _ in range(MAX_BATCH):
+        while len(batch) < MAX_BATCH:
             try:
-                append(recvfrom(size))
+                if reader is None:
+                    append(recvfrom(size))
+                elif reader.read(append) < reader.slots:
+                    # Fewer than it had room for: nothing more was queued.
+                    drained = True
+                    break
             except OSError as e:
                 if e.errno in _DRAINED:
                     drained = True

@@ -168,7 +168,7 @@ def status_document(server, started_at: float, now: float) -> dict[str, Any]:
         "listening": {"host": host, "port": port},
         "mode": "stand-alone" if config.standalone else "support-server",
         "support_url": support_url(config),
-        "counters": counters(server.stats),
+        "counters": counters(server.registry.counters()),
         "instances": [instance_status(i, tracker, reporter) for i in instances],
         "spool": spool_status(server),
     }
@@ -305,7 +305,7 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
     out.append("<h2>Counters</h2>\n<table>\n")
     out.append("".join(
         f'<tr><th>{_e(k)}</th><td class="n">{_e(v)}</td></tr>\n'
-        for k, v in counters(server.stats).items()
+        for k, v in counters(server.registry.counters()).items()
     ))
     out.append(
         "</table>\n<p><a href=\"/status.json\">/status.json</a> "

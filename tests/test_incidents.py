@@ -424,8 +424,8 @@ def passes_line_filter(table, text: str) -> bool:
     raw = text.encode("ascii")
     if not raw:
         return True
-    pattern = table[raw[0]]
-    return pattern is not None and pattern.match(raw) is not None
+    entry = table[raw[0]]
+    return entry is not None and raw.find(entry[0]) >= 0 and entry[1].match(raw) is not None
 
 
 class LineFilterTests(unittest.TestCase):

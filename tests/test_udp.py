@@ -177,7 +177,7 @@ class NetconsolePortTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_socket_error_is_counted_and_reading_goes_on(self):
         proto, registry, _, stats = make()
-        port = self.listen(proto, pause=0.01)
+        port = self.listen(proto, pause=0.01, batch_reads=False)
         real = port.socket
         failing = [True]
 
@@ -197,3 +197,40 @@ class NetconsolePortTests(unittest.TestCase):
         yield wait_until(lambda: stats["datagrams"] == 3)
         self.assertEqual(stats["udp_errors"], 1)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    @defer.inlineCallbacks
+    def test_a_batch_read_error_is_counted_and_reading_goes_on(self):
+        proto, registry, _, stats = make()
+        port = self.listen(proto, pause=0.01)
+        if port.reader is None:
+            raise unittest.SkipTest("this C library has no recvmmsg")
+        real = port.reader
+        failing = [True]
+
+        class Flaky:
+            slots = real.slots
+
+            def read(self, append):
+                if failing:
+                    failing.clear()
+                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
+                return real.read(append)
+
+        port.reader = Flaky()
+        self.send(port, 3)
+        yield wait_until(lambda: stats["datagrams"] == 3)
+        self.assertEqual(stats["udp_errors"], 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    @defer.inlineCallbacks
+    def test_batch_reads_and_recvfrom_give_the_same_lines(self):
+        results = []
+        for batch_reads in (True, False):
+            proto, registry, _, stats = make()
+            port = self.listen(proto, batch_reads=batch_reads)
+            self.send(port, 200)
+            yield wait_until(lambda stats=stats: stats["datagrams"] == 200)
+            (instance,) = registry
+            results.append([(l.text, l.seq) for l in instance.buffer])
+        self.assertEqual(results[0], results[1])
+        self.assertEqual(len(results[0]), 200)
