@@ -304,6 +304,10 @@ class _Reassembly:
 class Decoder:
     """One instance's netconsole stream: datagrams in, complete log lines out."""
 
+    # One per instance, touched by every datagram: slots keep it small and quick to reach.
+    __slots__ = ("stats", "release", "_release_raw", "sequence", "_partial", "_partial_at",
+                 "_pending")
+
     def __init__(self, stats: Counter | None = None) -> None:
         self.stats = stats if stats is not None else Counter()
         self.release: str | None = None

@@ -130,10 +130,13 @@ class BatchReader:
         if family == socket.AF_INET:
             address = (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
         else:
-            # As recvfrom gives an IPv6 source: host, port, flow info, scope id.
-            address = (
-                socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
-                int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder),
-            )
+            # As recvfrom gives an IPv6 source: host, port, flow info, scope id; a scoped
+            # (link-local) host is named with its interface, "fe80::1%eth0".
+            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            flow = int.from_bytes(raw[4:8], "big")
+            scope = int.from_bytes(raw[24:28], sys.byteorder)
+            if scope:
+                host = socket.getnameinfo((host, port, flow, scope), socket.NI_NUMERICHOST)[0]
+            address = (host, port, flow, scope)
         self._addresses[raw] = address
         return address

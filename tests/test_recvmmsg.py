@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 from twisted.trial import unittest
 
@@ -65,3 +66,17 @@ class BatchReaderTests(unittest.TestCase):
         self.assertEqual(reader.read(out.append), SLOTS)
         self.assertEqual(reader.read(out.append), 5)
         self.assertEqual([int(d) for d, _ in out], list(range(SLOTS + 5)))
+
+    def test_a_scoped_ipv6_source_is_named_with_its_interface_as_recvfrom_names_it(self):
+        receiver, sender = pair(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(receiver.close)
+        self.addCleanup(sender.close)
+        scope = socket.if_nametoindex("lo")
+        raw = (
+            socket.AF_INET6.to_bytes(2, sys.byteorder) + (6666).to_bytes(2, "big")
+            + bytes(4) + socket.inet_pton(socket.AF_INET6, "fe80::1")
+            + scope.to_bytes(4, sys.byteorder)
+        )
+        expected = socket.getnameinfo(("fe80::1", 6666, 0, scope), socket.NI_NUMERICHOST)[0]
+        self.assertEqual(BatchReader(receiver)._address(raw), (expected, 6666, 0, scope))
+        self.assertIn("%", expected)
