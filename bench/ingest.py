@@ -255,6 +255,9 @@ def main() -> None:
     parser.add_argument("--instances", default="1,100,10000")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cpu-rate", type=int, default=50_000)
+    parser.add_argument("--cpu-pairs", type=int, default=3,
+                        help="pairs of CPU trials (bare loop, then tempesta-ts): a shared virtual "
+                             "machine's CPU time moves by a fifth from one trial to the next")
     parser.add_argument("--processes", type=int, default=1,
                         help="also measure this many server processes sharing the port (reuse_port)")
     parser.add_argument("--format", choices=("extended", "plain"), default="extended",
@@ -282,12 +285,20 @@ def main() -> None:
                 if name[1] == sources and name[0] != "bare recvfrom loop":
                     share = f"{100 * ours / bare:.0f}%" if bare else "-"
                     print(f"  {sources:6} instances: bare {bare:8}  {name[0]} {ours:8}  ({share} of bare)")
-        print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s:")
-        for receiver in (BareReceiver(), Server(tmp)):
-            t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100, args.format)
-            per = 1e6 * t.cpu_seconds / max(t.received, 1)
-            print(f"  {receiver.name:20} {per:6.2f} us  (received {t.received} of {t.sent}, "
-                  f"{t.lines} lines)")
+        print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s "
+              f"a trial, {args.cpu_pairs} pairs of trials back to back:")
+        ratios = []
+        for _ in range(args.cpu_pairs):
+            pair = []
+            for receiver in (BareReceiver(), Server(tmp)):
+                t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100, args.format)
+                pair.append(1e6 * t.cpu_seconds / max(t.received, 1))
+                print(f"  {receiver.name:20} {pair[-1]:6.2f} us  (received {t.received} of "
+                      f"{t.sent}, {t.lines} lines)", flush=True)
+            ratios.append(pair[1] / pair[0])
+        ratios.sort()
+        print(f"  tempesta-ts / bare loop: {', '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {ratios[len(ratios) // 2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -346,6 +346,10 @@ class Decoder:
         m = _COMMON_HEADER.match(data)
         release = b""
         if m is None:
+            if data[:1] == b"[":
+                # A plain line's time stamp, not a release: _plain_record leaves anything
+                # that could still be an extended header to the general path.
+                return self._plain_record(data, now)
             # A release first? Searched for by its comma, not by a pattern: a pattern that
             # must find where a release ends backtracks through every plain line.
             comma = data.find(b",", 1, MAX_RELEASE_BYTES + 1)
@@ -384,13 +388,14 @@ class Decoder:
         end = len(data) - 1
         if end < 0 or data.find(b"\n") != end or data.find(b";", 7, 256) >= 0:
             return None
-        raw = data[:end].rstrip(b"\r")
-        if not raw.strip():
+        m = _PLAIN_PREFIX.match(data, 0, end)
+        start = m.end()
+        text = data[start:end].rstrip(b"\r")
+        if not start and (not text or text.isspace()):
             return b""
-        m = _PLAIN_PREFIX.match(raw)
         level = _NO_LEVEL if m[1] is None else int(m[1]) & 7
         time_us = _NO_NUMBER if m[2] is None else int(m[2]) * 1_000_000 + int(m[3])
-        return _RECORD.pack(len(raw) - m.end(), now, _NO_NUMBER, time_us, level) + raw[m.end() :]
+        return _RECORD.pack(len(text), now, _NO_NUMBER, time_us, level) + text
 
     def feed(self, data: bytes, now: float) -> list[LogLine]:
         """Decode one datagram; return the lines it completes."""
