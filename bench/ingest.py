@@ -297,8 +297,10 @@ def main() -> None:
                       f"{t.sent}, {t.lines} lines)", flush=True)
             ratios.append(pair[1] / pair[0])
         ratios.sort()
+        middle = len(ratios) // 2
+        median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
         print(f"  tempesta-ts / bare loop: {', '.join(f'{r:.2f}' for r in ratios)}; "
-              f"median {ratios[len(ratios) // 2]:.2f}")
+              f"median {median:.2f}")
 
 
 if __name__ == "__main__":
