@@ -28,13 +28,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-LINES = [
-    b"tfw_http_msg_process: [tempesta fw] request processed for client 192.0.2.77 status 200",
-    b"[tempesta fw] Starting virtual host 'default' listening on 0.0.0.0:443, 64 worker threads",
-    b"nf_conntrack: nf_conntrack: table full, dropping packet from 192.0.2.77 to 198.51.100.5",
-    b"TCP: request_sock_TCP: Possible SYN flooding on port 443. Sending cookies.  Check SNMP counters.",
-]
+from hotpath import LINES  # noqa: E402  (the lines bench/sender.c sends)
 
 
 def process(count: int, work: bool, fmt: str) -> None:

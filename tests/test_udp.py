@@ -120,6 +120,24 @@ class ReceiveBufferTests(unittest.TestCase):
         self.assertLessEqual(granted, 4 * 1024 * 1024)
 
 
+class FailingOnce:
+    """Stands in for `real`, whose `method` fails once with ENOMEM, then works."""
+
+    def __init__(self, real, method: str) -> None:
+        self._real, self._method, self._failed = real, method, False
+
+    def __getattr__(self, name):
+        found = getattr(self._real, name)
+        if name != self._method or self._failed:
+            return found
+
+        def fail(*args):
+            self._failed = True
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        return fail
+
+
 class NetconsolePortTests(unittest.TestCase):
     """The listening port reads in batches, rests once drained, and can share its port."""
 
@@ -176,51 +194,19 @@ class NetconsolePortTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_socket_error_is_counted_and_reading_goes_on(self):
-        proto, registry, _, stats = make()
-        port = self.listen(proto, pause=0.01, batch_reads=False)
-        real = port.socket
-        failing = [True]
-
-        class Flaky:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def recvfrom(self, size):
-                if failing:
-                    failing.clear()
-                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
-                return real.recvfrom(size)
-
-        port.socket = Flaky()
-        self.addCleanup(setattr, port, "socket", real)
-        self.send(port, 3)
-        yield wait_until(lambda: stats["datagrams"] == 3)
-        self.assertEqual(stats["udp_errors"], 1)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-
-    @defer.inlineCallbacks
-    def test_a_batch_read_error_is_counted_and_reading_goes_on(self):
-        proto, registry, _, stats = make()
-        port = self.listen(proto, pause=0.01)
-        if port.reader is None:
-            raise unittest.SkipTest("this C library has no recvmmsg")
-        real = port.reader
-        failing = [True]
-
-        class Flaky:
-            slots = real.slots
-
-            def read(self, append):
-                if failing:
-                    failing.clear()
-                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
-                return real.read(append)
-
-        port.reader = Flaky()
-        self.send(port, 3)
-        yield wait_until(lambda: stats["datagrams"] == 3)
-        self.assertEqual(stats["udp_errors"], 1)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        for batch_reads, attribute, method in ((False, "socket", "recvfrom"),
+                                               (True, "reader", "read")):
+            proto, registry, _, stats = make()
+            port = self.listen(proto, pause=0.01, batch_reads=batch_reads)
+            if getattr(port, attribute) is None:
+                continue  # this C library has no recvmmsg
+            real = getattr(port, attribute)
+            setattr(port, attribute, FailingOnce(real, method))
+            self.addCleanup(setattr, port, attribute, real)
+            self.send(port, 3)
+            yield wait_until(lambda stats=stats: stats["datagrams"] == 3)
+            self.assertEqual(stats["udp_errors"], 1, method)
+            self.assertEqual(len(self.flushLoggedErrors(OSError)), 1, method)
 
     @defer.inlineCallbacks
     def test_batch_reads_and_recvfrom_give_the_same_lines(self):
