@@ -207,8 +207,8 @@ class BufferRegistry:
         #: Instances whose decoder waits for time (partial line, fragments).
         self._waiting: set[str] = set()
         self.observers: list[LinesObserver] = []
-        #: Per first byte of a line, a pattern it must match for the observers to see it
-        #: (`Rules.line_filter`); None: they see every line. Watched instances show all.
+        #: Per first byte of a line, what it must contain and match for the observers to see
+        #: it (`Rules.line_filter`); None: they see every line. Watched instances show all.
         self.line_filter: LineFilter | None = None
         self.evicted: list[Callable[[Instance], None]] = []
 
