@@ -19,6 +19,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -296,11 +297,8 @@ def main() -> None:
                 print(f"  {receiver.name:20} {pair[-1]:6.2f} us  (received {t.received} of "
                       f"{t.sent}, {t.lines} lines)", flush=True)
             ratios.append(pair[1] / pair[0])
-        ratios.sort()
-        middle = len(ratios) // 2
-        median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-        print(f"  tempesta-ts / bare loop: {', '.join(f'{r:.2f}' for r in ratios)}; "
-              f"median {median:.2f}")
+        print(f"  tempesta-ts / bare loop: {', '.join(f'{r:.2f}' for r in sorted(ratios))}; "
+              f"median {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

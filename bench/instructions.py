@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from hotpath import LINES  # noqa: E402  (the lines bench/sender.c sends)
+from hotpath import LINES, gram  # noqa: E402  (what bench/sender.c sends)
 
 
 def process(count: int, work: bool, fmt: str) -> None:
@@ -47,12 +47,7 @@ def process(count: int, work: bool, fmt: str) -> None:
     received = TroubleshootingService(config, reactor).udp.datagramsReceived
     sources = [(f"127.1.0.{i + 1}", 6666) for i in range(100)]
     for start in range(0, count, 50):
-        if fmt == "plain":
-            batch = [(b"[%5d.%06d] %s\n" % (i // 1_000_000, i % 1_000_000, LINES[(i // 100) % 4]),
-                      sources[i % 100]) for i in range(start, start + 50)]
-        else:
-            batch = [(b"6,%d,%d,-;%s\n" % (i // 100, i, LINES[(i // 100) % 4]), sources[i % 100])
-                     for i in range(start, start + 50)]
+        batch = [(gram(fmt, i // 100, i), sources[i % 100]) for i in range(start, start + 50)]
         if work:
             received(batch)
     shutil.rmtree(spool, ignore_errors=True)
@@ -67,11 +62,11 @@ def read(count: int, how: str) -> None:
     receiver.bind(("127.0.0.1", 0))
     receiver.setblocking(False)
     senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
-    gram = b"6,12345,123456789,-;" + LINES[0] + b"\n"
+    datagram = b"6,12345,123456789,-;" + LINES[0] + b"\n"
     reader, out = BatchReader(receiver), []
     for _ in range(count // 64):
         for i in range(64):
-            senders[i % 8].sendto(gram, receiver.getsockname())
+            senders[i % 8].sendto(datagram, receiver.getsockname())
         if how == "recvmmsg":
             out.clear()
             reader.read(out.append)
