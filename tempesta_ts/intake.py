@@ -9,10 +9,12 @@ from twisted.internet.interfaces import IReactorTime
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.log import get_logger
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Budget, Throttle
 
 #: A recurring notice (a rejected source, a failure) is logged at most once this often.
 NOTICE_SECONDS = 60.0
+#: Refused sources named in the log each NOTICE_SECONDS, all sources together.
+REFUSAL_NOTICES = 5
 
 
 class Intake:
@@ -28,18 +30,28 @@ class Intake:
         self.sources = sources
         self.stats = stats
         self._throttle = Throttle(NOTICE_SECONDS)
+        self._refusals = Budget(NOTICE_SECONDS, REFUSAL_NOTICES)
 
     def admits(self, host: str, transport: str) -> bool:
         """Whether `host` is in allowed_sources; a rejection is counted and noticed."""
         if self.sources.allows(host):
             return True
         self.stats["sources_rejected"] += 1
-        self.notice(
-            ("reject", transport, host),
-            "Rejected {transport} from {source}: not in allowed_sources",
-            transport=transport,
-            source=host,
-        )
+        now = self.clock.seconds()
+        held = self._throttle.hit(("reject", transport, host), now)
+        if held is None:
+            return False
+        # Each source is noticed once a minute, and only a few sources a minute in all.
+        others = self._refusals.take(now)
+        if others is not None:
+            self.log.warn(
+                "Rejected {transport} from {source}: not in allowed_sources ({held} more from it "
+                "held back since its last notice; and {others} other refused sources not named)",
+                transport=transport,
+                source=host,
+                held=held,
+                others=others,
+            )
         return False
 
     def notice(self, key: object, message: str, **fields) -> None:

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from tempesta_ts import __version__
 from tempesta_ts.config import Config, ConfigError
 from tempesta_ts.errors import StartupError
-from tempesta_ts.log import get_logger
+from tempesta_ts.log import escape, get_logger, mask_secret
 from tempesta_ts.throttle import Throttle
 
 #: JSON bodies larger than this are sent gzip-compressed (support-api.md).
@@ -57,8 +57,11 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 RETRY_AFTER_CAP = 3600.0
 SHUTDOWN_GRACE = 5.0
-#: Bytes of a rejecting answer's body quoted in the log.
+#: Characters of a rejecting answer's body quoted in the log.
 BODY_QUOTE = 200
+#: Bytes of it read: the API key is masked in all of them before the quote is cut, so that a
+#: key echoed across the cut is masked whole.
+QUOTE_BYTES = 4096
 #: Idle persistent connections are closed before a typical server (60 s and more) would.
 IDLE_CONNECTION_SECONDS = 30.0
 #: One notice per kind of failure at most this often.
@@ -576,7 +579,7 @@ class _BodyQuote(Protocol):
             self.finished.errback(reason)
 
 
-def read_quote(response, limit: int = BODY_QUOTE) -> defer.Deferred:
+def read_quote(response, limit: int = QUOTE_BYTES) -> defer.Deferred:
     """Fire with the first `limit` bytes of the body once it is all read; cancel aborts it."""
     reader: _BodyQuote | None = None
 
@@ -588,11 +591,6 @@ def read_quote(response, limit: int = BODY_QUOTE) -> defer.Deferred:
     reader = _BodyQuote(finished, limit)
     response.deliverBody(reader)
     return finished
-
-
-def _printable(text: str) -> str:
-    # An answer's body goes into one log line: control characters are escaped.
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _reasons(value: BaseException) -> list[BaseException]:
@@ -1072,7 +1070,7 @@ class Reporter(service.Service):
             "it is kept in {path} and will not be sent again",
             report_id=entry.report_id,
             status=status,
-            answer=_printable(self._scrub(quote.decode("utf-8", "replace"))),
+            answer=self._quote(quote),
             path=path,
         )
 
@@ -1085,7 +1083,7 @@ class Reporter(service.Service):
         retry_after: float | None,
         slowest: bool = False,
     ) -> None:
-        why = self._scrub(why)
+        why = escape(self._scrub(why))
         now = self.clock.seconds()
         state = self._states.get(entry.report_id, DeliveryState(attempts=1))
         delay = self.backoff_cap if slowest else self._backoff(state.attempts)
@@ -1113,7 +1111,13 @@ class Reporter(service.Service):
             held=held,
         )
 
-    def _scrub(self, text: str) -> str:
-        # Whatever a server echoes back, the key never reaches a log line.
-        key = self.config.support_api_key
-        return text.replace(key, "********") if key and len(key) >= 4 else text
+    def _scrub(self, text: str, cut: bool = False) -> str:
+        # Whatever a server echoes back, no piece of the key reaches a log line.
+        return mask_secret(text, self.config.support_api_key, cut)
+
+    def _quote(self, quote: bytes) -> str:
+        # The key is masked in all that was read before the quote is cut to BODY_QUOTE.
+        text = self._scrub(quote.decode("utf-8", "replace"), cut=len(quote) >= QUOTE_BYTES)
+        if len(text) > BODY_QUOTE:
+            text = self._scrub(text[:BODY_QUOTE], cut=True)
+        return escape(text)

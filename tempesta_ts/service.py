@@ -20,7 +20,7 @@ from tempesta_ts.config import Config
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
-from tempesta_ts.log import get_logger
+from tempesta_ts.log import escape, get_logger
 from tempesta_ts.metrics import KNOWN_STATS
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, build_report
@@ -302,7 +302,7 @@ class TroubleshootingService(service.MultiService):
     def _log_lines(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         for line in lines:
             self.log.debug(
-                "{instance} {text}", instance=instance.address, text=line.text, seq=line.seq
+                "{instance} {text}", instance=instance.address, text=escape(line.text), seq=line.seq
             )
 
     def _log_eviction(self, instance: Instance) -> None:

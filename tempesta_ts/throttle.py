@@ -27,3 +27,30 @@ class Throttle:
             self._held.clear()
         self._last[key] = now
         return self._held.pop(key, 0)
+
+
+class Budget:
+    """Total log gate over many keys: at most `count` notices an interval, whatever their keys.
+
+    A per-key Throttle bounds each key; a flood of distinct keys (3,000 spoofed sources) needs
+    a bound on all of them together.
+    """
+
+    def __init__(self, interval: float, count: int) -> None:
+        self.interval = interval
+        self.count = count
+        self._started: float | None = None
+        self._spent = 0
+        self._held = 0
+
+    def take(self, now: float) -> int | None:
+        """None to stay quiet; else log now, with the count of notices held back since."""
+        if self._started is None or now - self._started >= self.interval:
+            self._started = now
+            self._spent = 0
+        if self._spent >= self.count:
+            self._held += 1
+            return None
+        self._spent += 1
+        held, self._held = self._held, 0
+        return held

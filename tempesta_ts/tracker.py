@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from tempesta_ts.buffers import Instance
 from tempesta_ts.incidents import Rules, is_end_marker, signature
-from tempesta_ts.log import get_logger
+from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident
 from tempesta_ts.throttle import Throttle
@@ -158,7 +158,7 @@ class IncidentTracker:
                 "{kind} on {instance}: {line}; reporting after {settle} s of quiet",
                 kind=kind,
                 instance=instance.address,
-                line=line.text,
+                line=escape(line.text),
                 settle=self.settle,
             )
         if sig in window.signatures and kind not in NEVER_SUPPRESSED:
