@@ -30,8 +30,13 @@ class SystemInfoLoopbackTests(LoopbackTestCase):
     def connect(self, svc, host: str) -> defer.Deferred:
         endpoint = TCP4ClientEndpoint(reactor, *svc.listeners.address, bindAddress=(host, 0))
         client = yield connectProtocol(endpoint, Client())
-        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        self.addCleanup(self.abort, client)
         return client
+
+    @staticmethod
+    def abort(client):
+        if client.transport.connected:
+            client.transport.abortConnection()
 
     @defer.inlineCallbacks
     def send(self, svc, host: str, document: bytes):
@@ -70,8 +75,9 @@ class SystemInfoLoopbackTests(LoopbackTestCase):
         document = b'<sys-info>{"pad": "' + b"x" * 400_000 + b'"}</sys-info>'
         for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
             yield self.send(svc, host, document)
+        stats = svc.stats
         yield wait_until(
-            lambda: svc.stats["tcp_documents_accepted"] + svc.stats["tcp_documents_over_memory"] == 3
+            lambda: stats["tcp_documents_accepted"] + stats["tcp_documents_over_memory"] == 3
         )
         self.assertEqual(svc.stats["tcp_documents_accepted"], 2)
         self.assertEqual(svc.stats["tcp_documents_over_memory"], 1)
