@@ -30,14 +30,22 @@ class SystemInfo:
 
     received_at: float
     text: str
-    #: "json" when the text parses as JSON, else "text".
+    #: "json" when the text is braced like a JSON object or array, else "text".
     format: str
     peer: str = ""
+    #: Set for a document kept only on disk (system_info_dir), its text then empty: the
+    #: length of the text there, read back when a report is made.
+    stored_size: int | None = None
 
     @property
     def size(self) -> int:
         """Length of the text in characters."""
-        return len(self.text)
+        return len(self.text) if self.stored_size is None else self.stored_size
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether only system_info_dir holds the text."""
+        return self.stored_size is not None
 
 
 #: Records sealed together into one bytes object: a line then costs its text and a 29-byte

@@ -239,6 +239,21 @@ class Config:
     tcp_max_connections: int = _setting(
         64, _integer(1), "TCP clients served at once; more are refused."
     )
+    tcp_max_connections_per_source: int = _setting(
+        4, _integer(1), "TCP clients served at once from one address; more from it are refused."
+    )
+    tcp_document_seconds: float = _setting(
+        60.0,
+        _number(0.1, 86400),
+        "A TCP document must end this long after its connection opened or the previous "
+        "document ended, however often bytes come; else it is dropped and the connection closed.",
+    )
+    system_info_memory_max_bytes: int = _setting(
+        64 * MiB,
+        _integer(1024),
+        "System information held in memory, all instances and documents under way together; "
+        "past it documents are kept only in system_info_dir (refused without one).",
+    )
     support_host: str | None = _setting(
         None, TEXT, "Support Server host name or address (none: stand-alone)."
     )

@@ -58,6 +58,16 @@ COUNTERS = (
     ("tcp_connections_refused", "tcp_connections_refused",
      "TCP connections refused: tcp_max_connections clients were connected."),
     ("tcp_idle_timeouts", "tcp_idle_timeouts", "TCP clients disconnected after tcp_idle_seconds."),
+    ("tcp_document_timeouts", "tcp_document_timeouts",
+     "TCP clients disconnected: their document did not end within tcp_document_seconds."),
+    ("tcp_source_connections_refused", "tcp_source_connections_refused",
+     "TCP connections refused: tcp_max_connections_per_source clients from that address "
+     "were connected."),
+    ("tcp_documents_over_memory", "tcp_documents_over_memory",
+     "TCP documents refused: system_info_memory_max_bytes was reached and no system_info_dir "
+     "could keep them."),
+    ("system_info_kept_on_disk", "system_info_kept_on_disk",
+     "Documents kept only in system_info_dir, past system_info_memory_max_bytes."),
     ("instances_created", "instances_created", "Instances (source addresses) first seen."),
     ("instances_evicted", "instances_evicted",
      "Instances dropped, least recently active first, to stay within max_instances."),
@@ -258,6 +268,15 @@ class ServerCollector(Collector):
         )
         yield GaugeMetricFamily(
             PREFIX + "tcp_connections", "TCP clients connected.", value=self.server.tcp.connections
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "system_info_memory_bytes",
+            "Memory system information takes: the instances' documents and those under way.",
+            value=self.server.tcp.memory_bytes,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "system_info_memory_max_bytes", "The system_info_memory_max_bytes setting.",
+            value=self.server.tcp.memory_max_bytes,
         )
         yield last_seen
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
-from tempesta_ts.buffers import BufferRegistry, Instance
+from tempesta_ts.buffers import BufferRegistry, Instance, SystemInfo
 from tempesta_ts.config import Config
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.incidents import Rules
@@ -153,6 +153,9 @@ class TroubleshootingService(service.MultiService):
         self.tcp = SystemInfoFactory(
             intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
             self.system_info_store,
+            memory_max_bytes=config.system_info_memory_max_bytes,
+            document_seconds=config.tcp_document_seconds,
+            max_connections_per_source=config.tcp_max_connections_per_source,
         )
         self.reporter = Reporter(config, reactor, self.stats, http_client=http_client)
         self.tracker = IncidentTracker(
@@ -213,31 +216,44 @@ class TroubleshootingService(service.MultiService):
             yield self.web.stopService()
 
     def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
+        shown = instance.system_info
         if self.system_info_store is not None:
-            self._newest_system_info(instance)
-        return build_report(
-            instance=instance,
-            incidents=incidents,
-            suppressed=suppressed,
-            client_id=self.config.support_client_id,
-            hostname=self.hostname,
-            version=__version__,
-            now=self.reactor.seconds(),
-        )
+            shown = self._newest_system_info(instance)
+        # A document kept only on disk lends its text to this report, not to memory.
+        held, instance.system_info = instance.system_info, shown
+        try:
+            return build_report(
+                instance=instance,
+                incidents=incidents,
+                suppressed=suppressed,
+                client_id=self.config.support_client_id,
+                hostname=self.hostname,
+                version=__version__,
+                now=self.reactor.seconds(),
+            )
+        finally:
+            instance.system_info = held
 
-    def _newest_system_info(self, instance: Instance) -> None:
+    def _newest_system_info(self, instance: Instance) -> SystemInfo | None:
+        """The instance's newest document with its text, read from system_info_dir when memory
+        holds an older one or only a note of it (system_info_memory_max_bytes)."""
         # Another process on the port (reuse_port), or this one before a restart, may have
         # taken a newer document from the instance.
+        current = instance.system_info
         try:
             stored = self.system_info_store.load(instance.address)
         except (OSError, ValueError, KeyError, TypeError):
             self.stats["system_info_store_errors"] += 1
             self.log.failure("Could not read the system information of {instance} in {path}",
                              instance=instance.address, path=self.system_info_store.directory)
-            return
-        current = instance.system_info
-        if stored is not None and (current is None or stored.received_at > current.received_at):
-            instance.system_info = stored
+            stored = None
+        if stored is not None and (
+            current is None or current.on_disk or stored.received_at > current.received_at
+        ):
+            self.tcp.hold(instance, stored)
+            return stored
+        # A note whose text could not be read back is no document.
+        return None if current is not None and current.on_disk else current
 
     def startService(self) -> None:
         super().startService()
