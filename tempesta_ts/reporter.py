@@ -23,7 +23,9 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Mapping
 
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet import defer, error, ssl
@@ -432,6 +434,48 @@ class UnverifiedTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifiedTLS:
+    """TLS that checks the chain against `trust` and that the certificate's subjectAltName names
+    the host (DNS name or IP address); anything else, a certificate without one too, fails.
+
+    Twisted's own check (optionsForClientTLS) lets a certificate without subjectAltName through:
+    it catches only VerificationError, logs service_identity's CertificateError and goes on.
+    """
+
+    def __init__(self, host: str, trust) -> None:
+        # None is platformTrust(): the system store. Twisted sends SNI for a DNS name only.
+        self._options = ssl.optionsForClientTLS(host, trustRoot=trust)
+        self._identity = IPAddress_ID(host) if is_ip_address(host) else DNS_ID(
+            host.encode("idna").decode("ascii"))
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tlsProtocol):
+        # Let go of the protocol once the leaf is seen: no cycle through the connection.
+        protocol = [tlsProtocol]
+
+        def verify(connection, certificate, code, depth, ok) -> bool:
+            # The chain is OpenSSL's to judge; an OpenSSL callback must not raise, so whatever
+            # goes wrong with the leaf's names refuses the server.
+            if depth != 0 or not ok:
+                return bool(ok)
+            owner = protocol.pop() if protocol else None
+            try:
+                verify_service_identity(extract_patterns(certificate), [self._identity], [])
+                return True
+            except Exception:
+                if owner is not None:
+                    owner.failVerification(Failure())
+                return False
+
+        return verify
+
+
 @implementer(IPolicyForHTTPS)
 class HTTPSPolicy:
     """Verifies the Support Server against the system store or support_ca_file, or not at all.
@@ -447,9 +491,9 @@ class HTTPSPolicy:
         else:
             # None is platformTrust(): the system store.
             trust = ssl.trustRootFromCertificates(load_ca_bundle(ca_file)) if ca_file else None
-            # Twisted checks an IP literal against the IP SANs (service_identity's IPAddress_ID)
-            # and sends no SNI for it; a DNS name against the DNS SANs, with SNI.
-            self._creator = ssl.optionsForClientTLS(self.host, trustRoot=trust)
+            # An IP literal is checked against the IP SANs and sent no SNI; a DNS name against
+            # the DNS SANs, with SNI.
+            self._creator = VerifiedTLS(self.host, trust)
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         # The agent only ever connects to the configured host (no redirects are followed):
@@ -617,6 +661,13 @@ def describe_failure(failure: Failure, host: str, port: int) -> tuple[str, str]:
     """(kind, why) of a failed attempt: kind groups notices, why is one short line."""
     reasons = _reasons(failure.value)
     for value in reasons:
+        if isinstance(value, CertificateError):
+            # No subjectAltName (or a malformed one): the common name is not a host's name.
+            return "tls-verify", (
+                f"TLS verification failed for {host}: its certificate does not name {host} "
+                f"(no valid subjectAltName; the common name does not count); have it reissued "
+                f"with {host} in subjectAltName, or set skip_ssl_verification"
+            )
         if isinstance(value, VerificationError):
             return "tls-verify", (
                 f"TLS verification failed for {host}: its certificate does not name {host}; "
