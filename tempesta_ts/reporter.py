@@ -16,6 +16,8 @@ import json
 import os
 import random
 import re
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import timezone
@@ -42,6 +44,7 @@ from zope.interface import implementer
 from tempesta_ts import __version__
 from tempesta_ts.config import Config, ConfigError
 from tempesta_ts.errors import StartupError
+from tempesta_ts.files import NotRegularFile, check_private_directory, open_regular, read_regular
 from tempesta_ts.log import get_logger
 from tempesta_ts.throttle import Throttle
 
@@ -144,10 +147,10 @@ def _fsync_directory(path: str) -> None:
 
 def write_durably(directory: str, tmp_dir: str, name: str, data: bytes) -> str:
     """Write data as directory/name atomically and durably: temp file, fsync, rename, fsync dir."""
-    tmp_path = os.path.join(tmp_dir, name + ".tmp")
     path = os.path.join(directory, name)
-    # Reports quote kernel logs: readable by the server's user only.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Reports quote kernel logs: readable by the server's user only (mkstemp: 0600). A name
+    # nobody can guess, created exclusively: a link planted in tmp/ is never written through.
+    fd, tmp_path = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=tmp_dir)
     try:
         view = memoryview(data)
         while view:
@@ -200,6 +203,7 @@ class Spool:
             return
         for path in (self.directory, self.pending_dir, self.rejected_dir, self.tmp_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
+            check_private_directory(path, "spool_dir")
         if self.exclusive:
             self._take_lock()
         for name in os.listdir(self.tmp_dir):
@@ -216,9 +220,16 @@ class Spool:
                 self.log.warn("Ignoring {path} in the spool: not a report file name", path=path)
                 continue
             try:
-                size = os.stat(path).st_size
+                st = os.lstat(path)
             except OSError:
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                self.stats["spool_errors"] += 1
+                self.log.error(
+                    "Ignoring {path} in the spool: a symbolic link or not a regular file; it is "
+                    "never sent", path=path)
+                continue
+            size = st.st_size
             created, report_id = parsed
             found.append(SpooledReport(report_id, path, size, created))
         found.sort(key=lambda e: (e.created, e.path))
@@ -271,7 +282,16 @@ class Spool:
         return write_durably(self.local_dir, self.tmp_dir, name, body)
 
     def _take_lock(self) -> None:
-        lock = open(os.path.join(self.directory, "lock"), "a+")
+        path = os.path.join(self.directory, "lock")
+        try:
+            # Neither truncated on open nor followed: a link there must not cost its target.
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except NotRegularFile:
+            raise SpoolError(
+                f"spool_dir: {path!r} is a symbolic link or not a regular file; remove it "
+                "(the server makes its own lock file)"
+            ) from None
+        lock = os.fdopen(fd, "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -289,6 +309,11 @@ class Spool:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def read(self, entry: SpooledReport) -> bytes:
+        """A pending report's body. Raises OSError; NotRegularFile when its file has been
+        replaced by a symbolic link or something else than a regular file."""
+        return read_regular(entry.path)
 
     def pending(self) -> list[SpooledReport]:
         """The reports waiting, oldest first."""
@@ -988,8 +1013,15 @@ class Reporter(service.Service):
         state = self._states[report_id]
         self._states[report_id] = state = replace(state, attempts=state.attempts + 1)
         try:
-            with open(entry.path, "rb") as f:
-                body = f.read()
+            body = self.spool.read(entry)
+        except NotRegularFile:
+            self.stats["spool_errors"] += 1
+            self.log.error(
+                "Report {report_id} not sent: {path} is now a symbolic link or not a regular "
+                "file; it is left there, never sent", report_id=report_id, path=entry.path)
+            self.spool.forget(entry)
+            self._states.pop(report_id, None)
+            return
         except FileNotFoundError:
             self.log.warn(
                 "Report {report_id} vanished from {path}", report_id=report_id, path=entry.path
