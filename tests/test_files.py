@@ -178,6 +178,7 @@ class DirectoryTests(unittest.TestCase):
 
     def refused(self, **settings) -> str:
         svc = self.service(**settings)
+        self.addCleanup(svc.stopService)
         caught = self.assertRaises(StartupError, svc.startService)
         self.assertIsNone(svc.listeners.udp_port)
         message = str(caught)
