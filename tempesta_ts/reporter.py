@@ -471,8 +471,7 @@ class VerifiedTLS:
     def __init__(self, host: str, trust) -> None:
         # None is platformTrust(): the system store. Twisted sends SNI for a DNS name only.
         self._options = ssl.optionsForClientTLS(host, trustRoot=trust)
-        self._identity = IPAddress_ID(host) if is_ip_address(host) else DNS_ID(
-            host.encode("idna").decode("ascii"))
+        self._identity = IPAddress_ID(host) if is_ip_address(host) else DNS_ID(host)
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
@@ -494,9 +493,14 @@ class VerifiedTLS:
                 verify_service_identity(extract_patterns(certificate), [self._identity], [])
                 return True
             except Exception:
+                reason = Failure()
+            try:
                 if owner is not None:
-                    owner.failVerification(Failure())
-                return False
+                    # The reason the request fails with, for describe_failure.
+                    owner.failVerification(reason)
+            except Exception:
+                pass  # refused all the same, only with OpenSSL's reason
+            return False
 
         return verify
 
