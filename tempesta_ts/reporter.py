@@ -16,6 +16,8 @@ import json
 import os
 import random
 import re
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import timezone
@@ -23,7 +25,9 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Mapping
 
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet import defer, error, ssl
@@ -40,6 +44,7 @@ from zope.interface import implementer
 from tempesta_ts import __version__
 from tempesta_ts.config import Config, ConfigError
 from tempesta_ts.errors import StartupError
+from tempesta_ts.files import NotRegularFile, check_private_directory, open_regular, read_regular
 from tempesta_ts.log import escape, get_logger, mask_secret
 from tempesta_ts.throttle import Throttle
 
@@ -145,10 +150,10 @@ def _fsync_directory(path: str) -> None:
 
 def write_durably(directory: str, tmp_dir: str, name: str, data: bytes) -> str:
     """Write data as directory/name atomically and durably: temp file, fsync, rename, fsync dir."""
-    tmp_path = os.path.join(tmp_dir, name + ".tmp")
     path = os.path.join(directory, name)
-    # Reports quote kernel logs: readable by the server's user only.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Reports quote kernel logs: readable by the server's user only (mkstemp: 0600). A name
+    # nobody can guess, created exclusively: a link planted in tmp/ is never written through.
+    fd, tmp_path = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=tmp_dir)
     try:
         view = memoryview(data)
         while view:
@@ -201,6 +206,7 @@ class Spool:
             return
         for path in (self.directory, self.pending_dir, self.rejected_dir, self.tmp_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
+            check_private_directory(path, "spool_dir")
         if self.exclusive:
             self._take_lock()
         for name in os.listdir(self.tmp_dir):
@@ -217,9 +223,16 @@ class Spool:
                 self.log.warn("Ignoring {path} in the spool: not a report file name", path=path)
                 continue
             try:
-                size = os.stat(path).st_size
+                st = os.lstat(path)
             except OSError:
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                self.stats["spool_errors"] += 1
+                self.log.error(
+                    "Ignoring {path} in the spool: a symbolic link or not a regular file; it is "
+                    "never sent", path=path)
+                continue
+            size = st.st_size
             created, report_id = parsed
             found.append(SpooledReport(report_id, path, size, created))
         found.sort(key=lambda e: (e.created, e.path))
@@ -272,7 +285,16 @@ class Spool:
         return write_durably(self.local_dir, self.tmp_dir, name, body)
 
     def _take_lock(self) -> None:
-        lock = open(os.path.join(self.directory, "lock"), "a+")
+        path = os.path.join(self.directory, "lock")
+        try:
+            # Neither truncated on open nor followed: a link there must not cost its target.
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except NotRegularFile:
+            raise SpoolError(
+                f"spool_dir: {path!r} is a symbolic link or not a regular file; remove it "
+                "(the server makes its own lock file)"
+            ) from None
+        lock = os.fdopen(fd, "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -290,6 +312,11 @@ class Spool:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def read(self, entry: SpooledReport) -> bytes:
+        """A pending report's body. Raises OSError; NotRegularFile when its file has been
+        replaced by a symbolic link or something else than a regular file."""
+        return read_regular(entry.path)
 
     def pending(self) -> list[SpooledReport]:
         """The reports waiting, oldest first."""
@@ -435,6 +462,52 @@ class UnverifiedTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifiedTLS:
+    """TLS that checks the chain against `trust` and that the certificate's subjectAltName names
+    the host (DNS name or IP address); anything else, a certificate without one too, fails.
+
+    Twisted's own check (optionsForClientTLS) lets a certificate without subjectAltName through:
+    it catches only VerificationError, logs service_identity's CertificateError and goes on.
+    """
+
+    def __init__(self, host: str, trust) -> None:
+        # None is platformTrust(): the system store. Twisted sends SNI for a DNS name only.
+        self._options = ssl.optionsForClientTLS(host, trustRoot=trust)
+        self._identity = IPAddress_ID(host) if is_ip_address(host) else DNS_ID(host)
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tlsProtocol):
+        # Let go of the protocol once the leaf is seen: no cycle through the connection.
+        protocol = [tlsProtocol]
+
+        def verify(connection, certificate, code, depth, ok) -> bool:
+            # The chain is OpenSSL's to judge; an OpenSSL callback must not raise, so whatever
+            # goes wrong with the leaf's names refuses the server.
+            if depth != 0 or not ok:
+                return bool(ok)
+            owner = protocol.pop() if protocol else None
+            try:
+                verify_service_identity(extract_patterns(certificate), [self._identity], [])
+                return True
+            except Exception:
+                reason = Failure()
+            try:
+                if owner is not None:
+                    # The reason the request fails with, for describe_failure.
+                    owner.failVerification(reason)
+            except Exception:
+                pass  # refused all the same, only with OpenSSL's reason
+            return False
+
+        return verify
+
+
 @implementer(IPolicyForHTTPS)
 class HTTPSPolicy:
     """Verifies the Support Server against the system store or support_ca_file, or not at all.
@@ -450,9 +523,9 @@ class HTTPSPolicy:
         else:
             # None is platformTrust(): the system store.
             trust = ssl.trustRootFromCertificates(load_ca_bundle(ca_file)) if ca_file else None
-            # Twisted checks an IP literal against the IP SANs (service_identity's IPAddress_ID)
-            # and sends no SNI for it; a DNS name against the DNS SANs, with SNI.
-            self._creator = ssl.optionsForClientTLS(self.host, trustRoot=trust)
+            # An IP literal is checked against the IP SANs and sent no SNI; a DNS name against
+            # the DNS SANs, with SNI.
+            self._creator = VerifiedTLS(self.host, trust)
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         # The agent only ever connects to the configured host (no redirects are followed):
@@ -615,6 +688,13 @@ def describe_failure(failure: Failure, host: str, port: int) -> tuple[str, str]:
     """(kind, why) of a failed attempt: kind groups notices, why is one short line."""
     reasons = _reasons(failure.value)
     for value in reasons:
+        if isinstance(value, CertificateError):
+            # No subjectAltName (or a malformed one): the common name is not a host's name.
+            return "tls-verify", (
+                f"TLS verification failed for {host}: its certificate does not name {host} "
+                f"(no valid subjectAltName; the common name does not count); have it reissued "
+                f"with {host} in subjectAltName, or set skip_ssl_verification"
+            )
         if isinstance(value, VerificationError):
             return "tls-verify", (
                 f"TLS verification failed for {host}: its certificate does not name {host}; "
@@ -935,8 +1015,15 @@ class Reporter(service.Service):
         state = self._states[report_id]
         self._states[report_id] = state = replace(state, attempts=state.attempts + 1)
         try:
-            with open(entry.path, "rb") as f:
-                body = f.read()
+            body = self.spool.read(entry)
+        except NotRegularFile:
+            self.stats["spool_errors"] += 1
+            self.log.error(
+                "Report {report_id} not sent: {path} is now a symbolic link or not a regular "
+                "file; it is left there, never sent", report_id=report_id, path=entry.path)
+            self.spool.forget(entry)
+            self._states.pop(report_id, None)
+            return
         except FileNotFoundError:
             self.log.warn(
                 "Report {report_id} vanished from {path}", report_id=report_id, path=entry.path

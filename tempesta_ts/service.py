@@ -256,6 +256,9 @@ class TroubleshootingService(service.MultiService):
         return None if current is not None and current.on_disk else current
 
     def startService(self) -> None:
+        if self.system_info_store is not None:
+            # After twistd has dropped privileges: made by, and checked for, the server's user.
+            self.system_info_store.prepare()
         super().startService()
         # twistd starts services before the reactor runs and installs its signal handlers:
         # "listening" is said once a SIGTERM would be handled cleanly.

@@ -26,6 +26,8 @@ from zope.interface import implementer
 
 from tempesta_ts.access import instance_address
 from tempesta_ts.buffers import Instance, SystemInfo
+from tempesta_ts.errors import StartupError
+from tempesta_ts.files import check_private_directory, read_regular
 from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.netconsole import decode_text
@@ -319,21 +321,43 @@ class SystemInfoStore:
     def _path(self, address: str) -> str:
         return os.path.join(self.directory, address.replace(":", "-").replace("%", "_") + ".json")
 
+    def prepare(self) -> None:
+        """Create the directory (0700) at start; StartupError unless only the server's user can
+        write it."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StartupError(
+                f"system_info_dir: cannot use {self.directory!r} ({e.strerror}); "
+                "expected a directory the server's user can write"
+            ) from None
+        check_private_directory(self.directory, "system_info_dir")
+
     def save(self, address: str, info: SystemInfo) -> None:
         """Write a document in place of the instance's last one, atomically. Raises OSError."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         path = self._path(address)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"received_at": info.received_at, "text": info.text, "format": info.format,
-                       "peer": info.peer}, f)
-        os.replace(tmp, path)
+        # A name nobody can guess, created exclusively (a planted link is never written
+        # through), readable by the server's user only: documents describe the instance.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=self.directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"received_at": info.received_at, "text": info.text,
+                           "format": info.format, "peer": info.peer}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def load(self, address: str) -> SystemInfo | None:
-        """The instance's document on disk, if any. Raises OSError or ValueError when unreadable."""
+        """The instance's document on disk, if any. Raises OSError or ValueError when unreadable,
+        OSError too when it is a symbolic link or not a regular file."""
         try:
-            with open(self._path(address), encoding="utf-8") as f:
-                kept = json.load(f)
+            kept = json.loads(read_regular(self._path(address)).decode("utf-8"))
         except FileNotFoundError:
             return None
         return SystemInfo(float(kept["received_at"]), str(kept["text"]), str(kept["format"]),

@@ -400,6 +400,12 @@ class QuietSite(server.Site):
     def log(self, request) -> None:
         pass
 
+    def getResourceFor(self, request):
+        # Every answer, /metrics and the error pages (404, 405) too, forbids sniffing and scripts.
+        for name, value in _HEADERS.items():
+            request.setHeader(name, value)
+        return super().getResourceFor(request)
+
 
 def make_site(web: WebService) -> QuietSite:
     """The site: every page under one root."""

@@ -165,10 +165,11 @@ class ReusePortTests(LoopbackTestCase):
         self.assertEqual(SystemInfoStore(shared).load("127.0.0.8").text, '{"sys_info": {}}')
 
     def test_the_start_up_line_says_the_port_is_shared(self):
-        svc = self.start(system_info_dir="/var/lib/tempesta-ts/system-info")
+        shared = os.path.abspath(self.mktemp())
+        svc = self.start(system_info_dir=shared)
         self.assertIn(
             ":%d (shared with other processes: reuse_port; system information in "
-            "/var/lib/tempesta-ts/system-info);" % svc.listeners.address[1],
+            "%s);" % (svc.listeners.address[1], shared),
             svc.summary(),
         )
 

@@ -91,6 +91,19 @@ class TwistdTests(unittest.TestCase):
         self.assertIn(f"cannot listen on UDP 127.0.0.1:{port}: the port is in use", failures[0])
 
     @defer.inlineCallbacks
+    def test_a_group_writable_spool_dir_stops_the_start_with_one_line(self):
+        spool = os.path.abspath(self.mktemp())
+        os.makedirs(spool)
+        os.chmod(spool, 0o775)
+        lines = yield self.refused("--host", "127.0.0.1", "--port", "0", "--spool-dir", spool)
+        self.assertIn(
+            f"tempesta-ts: spool_dir: {spool!r} is writable by its group (mode 0775), who could "
+            "plant or replace the files the server reads back; expected only the server's user "
+            f"to write it: chmod go-w {spool}",
+            lines[-1],
+        )
+
+    @defer.inlineCallbacks
     def test_help_lists_every_option(self):
         child = self.twistd("--help")
         yield child.ended(SECONDS)

@@ -9,6 +9,7 @@ import socket
 from twisted.internet import defer, error, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
 
 from tempesta_ts import __version__
 from tempesta_ts.config import Config
@@ -257,6 +258,22 @@ class EndpointTests(unittest.TestCase):
         doc = json.loads(body)
         self.assertEqual(doc["listening"], {"host": "127.0.0.1", "port": svc.listeners.address[1]})
         self.assertTrue(doc["healthy"])
+
+    @defer.inlineCallbacks
+    def test_every_answer_forbids_sniffing_and_scripts_metrics_and_404_too(self):
+        svc = self.start()
+        agent = Agent(reactor)
+        pages = [(b"GET", path, 200) for path in ("/", "/status", "/status.json", "/metrics",
+                                                   "/healthz")]
+        pages += [(b"GET", "/nothing", 404), (b"POST", "/metrics", 405)]
+        for method, path, code in pages:
+            response = yield agent.request(method, (svc.web.url + path).encode("ascii"))
+            yield readBody(response)
+            self.assertEqual(response.code, code, path)
+            headers = response.headers
+            self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"], path)
+            self.assertEqual(headers.getRawHeaders(b"content-security-policy"),
+                             [b"default-src 'none'; style-src 'unsafe-inline'"], path)
 
     @defer.inlineCallbacks
     def test_requests_write_no_log_lines(self):
