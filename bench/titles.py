@@ -67,11 +67,15 @@ def parse(data: bytes) -> tuple[dict[str, str], list[bytes]]:
 
 
 def our_title(log: list[bytes], rules: Rules) -> str | None:
-    texts = [parse_plain_line(raw, 0.0).text for raw in log]
-    for i, text in enumerate(texts):
-        detection = rules.detect(text)
+    lines = [parse_plain_line(raw, 0.0) for raw in log]
+    for i, line in enumerate(lines):
+        detection = rules.detect(line.text)
         if detection is not None:
-            return describe(detection.kind, texts[i : i + WINDOW_LINES]).title
+            # Netconsole carries the kernel's lines only: where the console stamped the trigger
+            # line, the lines it did not stamp (the fuzzer's own output) are not sent.
+            stamped = line.kernel_time_us is not None
+            window = [w.text for w in lines[i:] if not stamped or w.kernel_time_us is not None]
+            return describe(detection.kind, window[:WINDOW_LINES]).title
     return None
 
 

@@ -27,8 +27,9 @@ from tempesta_ts.title_formats import (
     TitleFormat,
 )
 
-#: Lines of an incident's window (its trigger line and what follows) a title is made from.
-WINDOW_LINES = 512
+#: Lines of an incident's window (its trigger line and what follows) a title is made from: a
+#: stack overflow's trace runs to several hundred lines before its entry point.
+WINDOW_LINES = 1024
 #: Longest title (syzkaller's limit: corrupted lines can be very long).
 MAX_TITLE_CHARS = 120
 #: After this many lines of a report, a panic (panic_on_warn) or a lockdep report that the
@@ -98,6 +99,12 @@ def describe(kind: str, lines: Sequence[str]) -> Description:
     return Description(title, module, frames, fingerprint(kind, title))
 
 
+def plain(kind: str, line: str) -> Description:
+    """A description from the trigger line alone: its text, masked, as the title; no frames."""
+    title = _sanitize(_mask(_strip(line)[0]))
+    return Description(title, _banner_module(_strip(line)[0]), (), fingerprint(kind, title))
+
+
 def _strip(text: str) -> tuple[str, str | None]:
     """A line without the console's time stamp and caller id; the caller id."""
     m = _CONSOLE.match(text)
@@ -126,21 +133,24 @@ def _report_lines(window: list[str]) -> list[str]:
     repeats = _REPEATED_HEADER.match(first)
     for raw in window[1:]:
         text, caller = _strip(raw)
+        # Another task's or CPU's lines are not this report's.
+        if context is not None and caller != context and not (
+            cpu_traceback and caller is not None and caller.startswith("C")
+        ):
+            continue
         if repeats is not None:
             if text.startswith(repeats.group()):
                 report.append(text)
                 continue
             repeats = None
-        if _starts_report(text, tempesta):
+        # Without caller ids the console interleaves everyone's lines: the next report's header
+        # ends this one. With them the report is the task's (or CPU's) lines, whatever they say.
+        if context is None and _starts_report(text, tempesta):
             break
         if any(tail in text for tail in _REPORT_TAIL) and len(report) > _REPORT_MIN_LINES:
             break
         if "Sending NMI from CPU" in text:
             cpu_traceback = True
-        if context is not None and caller != context and not (
-            cpu_traceback and caller is not None and caller.startswith("C")
-        ):
-            continue
         if _SKIP_LINE in text or is_questionable(text):
             continue
         report.append(text)
@@ -198,19 +208,22 @@ def _from_formats(report: list[str], header: str, formats: Sequence[TitleFormat]
         if f.stack is not None:
             start = text.count("\n", 0, m.start())
             guilty, frame = _guilty(report[start:], f)
-            if guilty is None and (guilty := _header_function(report[0])) is not None:
+            if guilty is None and (guilty := _header_function(report[0], f)) is not None:
                 frame = _canonical(guilty.name)
         return f.text.format(*groups, f=frame), guilty
     line = report[0]
     return line[line.index(header) :], None
 
 
-def _header_function(line: str) -> Frame | None:
-    # No frame in the trace (lost, cut, or not printed): the function the header names, if any.
+def _header_function(line: str, f: TitleFormat) -> Frame | None:
+    # No frame in the trace (lost, cut, or not printed): the function the header names, unless
+    # it is one that is never guilty.
     found = list(_FUNCTION_IN_LINE.finditer(line))
     if not found:
         return None
     m = found[-1]
+    if re.search("|".join(SKIP + f.skip), m.group(1)):
+        return None
     return frame_at(line, m.group(1), m.end(1))
 
 
