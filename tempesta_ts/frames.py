@@ -122,8 +122,11 @@ def first_trace(lines: Iterable[str]) -> list[Frame]:
             if STACK_START.search(text):
                 in_trace = True
                 continue
-            # KMSAN prints the frames right under its header, with no "Call Trace:".
-            if n != 1 or is_questionable(text) or not line_frames(text):
+            # KMSAN prints the frames right under its header with no "Call Trace:", 32-bit arm
+            # before 4.x its "(callee) from (caller)" lines.
+            if not (n == 1 and not is_questionable(text) and line_frames(text)) and not (
+                _ARM_FROM.match(text) and not is_questionable(text)
+            ):
                 if rip is None:
                     rip = rip_frame(text)
                 continue

@@ -208,7 +208,7 @@ def _from_formats(report: list[str], header: str, formats: Sequence[TitleFormat]
         if f.stack is not None:
             start = text.count("\n", 0, m.start())
             guilty, frame = _guilty(report[start:], f)
-            if guilty is None and (guilty := _header_function(report[0], f)) is not None:
+            if guilty is None and (guilty := _header_function(report[start], f)) is not None:
                 frame = _canonical(guilty.name)
         return f.text.format(*groups, f=frame), guilty
     line = report[0]
