@@ -61,6 +61,10 @@ _REPLACEMENTS = (
     (re.compile(r"CPU#[0-9]+"), "CPU"),
     (re.compile(r"(\W)(\d+)(\W|$)"), r"\1NUM\3"),
     (re.compile(r"(\d+){7,}"), "NUM"),
+    # Not syzkaller's: "on CPU3" (arm64's SError) and a slab report's taint flags, which a
+    # warning elsewhere changes, are no part of the bug either.
+    (re.compile(r"\bCPU(?:NUM|\d+)\b"), "CPU"),
+    (re.compile(r" \((?:Not tainted|Tainted: [^)]*)\)"), ""),
 )
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\U0010ffff]")
 _SPACES = re.compile(r"[ \t]+")

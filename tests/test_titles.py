@@ -230,6 +230,13 @@ Call Trace:
         self.assertEqual(describe("error", ["[tempesta] ERROR: configuration parsing error:"]).module,
                          "tempesta_fw")
 
+    def test_a_line_no_format_knows_keeps_its_text_without_cpu_or_taint(self):
+        self.assertEqual(describe("oops", ["SError Interrupt on CPU3, code 0xbe000011 -- SError"]).title,
+                         "SError Interrupt on CPU, code ADDR -- SError")
+        for taint in ("Not tainted", "Tainted: G    B      O   "):
+            self.assertEqual(describe("bug", [f"BUG kmalloc-128 ({taint}): Redzone overwritten"]).title,
+                             "BUG kmalloc-NUM: Redzone overwritten")
+
     def test_vendor_test_message_is_its_own_title(self):
         found = describe("warning", ["WARNING test message", "after the warning"])
         self.assertEqual((found.title, found.module, found.frames), ("WARNING test message", None, ()))
