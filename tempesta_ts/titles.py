@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from tempesta_ts.frames import Frame, first_trace, is_questionable, line_frames, frame_at, STACK_START
+from tempesta_ts.frames import STACK_START, Frame, first_trace, frame_at, is_questionable, line_frames
 from tempesta_ts.title_formats import (
     GROUPS,
     REPORT_START_IGNORES,

@@ -19,7 +19,6 @@ from tempesta_ts.netconsole import parse_plain_line
 from tempesta_ts.report import build_report
 from tempesta_ts.titles import MAX_TITLE_CHARS, describe, fingerprint
 from tempesta_ts.tracker import IncidentTracker
-from tests.captures import DATA as NETCONSOLE
 from tests.captures import datagrams
 
 TITLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "titles")
