@@ -283,7 +283,7 @@ class Config:
         5.0, _number(0, 3600), "Quiet time after an incident line before its report is sent."
     )
     cooldown_seconds: float = _setting(
-        300.0, _number(0, 86400), "Same-signature incidents within this time are folded."
+        300.0, _number(0, 86400), "Repeats of a reported bug (same fingerprint) within this time are folded."
     )
     incident_patterns: tuple = _setting(
         (), INCIDENT_PATTERNS, 'Extra incident rules, JSON: [{"kind": K, "regex": R}, ...].'

@@ -1,17 +1,20 @@
 """The incident report: the body of the Support Server interface (docs/support-api.md), v1.
 
+Each incident is described (title, guilty module, frames, fingerprint: `tempesta_ts.titles`)
+from its window in the instance's buffer when the report is made, never as lines arrive.
 Pure code: everything it needs is passed in.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from tempesta_ts.buffers import Instance
 from tempesta_ts.netconsole import LogLine
+from tempesta_ts.titles import WINDOW_LINES, Description, describe
 
 VERSION = 1
 
@@ -24,6 +27,8 @@ class Incident:
     line: LogLine
     rule: str
     signature: str
+    #: Title, module, frames and fingerprint, once worked out from the incident's window.
+    description: Description | None = None
 
 
 def iso(ts: float | None) -> str | None:
@@ -37,6 +42,52 @@ def iso(ts: float | None) -> str | None:
 def new_report_id() -> str:
     """A unique report id, stable across retries of that report (uuid4 hex)."""
     return uuid.uuid4().hex
+
+
+def _key(line: LogLine) -> tuple:
+    # What a line keeps in the buffer (its dictionary and completeness are not kept).
+    return line.received_at, line.text, line.seq, line.kernel_time_us
+
+
+def describe_incidents(incidents: Sequence[Incident], lines: Sequence[LogLine]) -> list[Incident]:
+    """The incidents with their descriptions, each from its window in the instance's buffer
+    (`lines`, as read): its line and up to WINDOW_LINES - 1 lines after it, or only its own
+    line when the buffer no longer has it. Incidents already described are kept as they are.
+    """
+    if all(incident.description is not None for incident in incidents):
+        return list(incidents)
+    first: dict[tuple, int] = {}
+    wanted = {_key(incident.line) for incident in incidents}
+    for n, line in enumerate(lines):
+        key = _key(line)
+        if key in wanted and key not in first:
+            first[key] = n
+    described = []
+    for incident in incidents:
+        if incident.description is None:
+            start = first.get(_key(incident.line))
+            if start is None:
+                window = [incident.line.text]
+            else:
+                window = [line.text for line in lines[start : start + WINDOW_LINES]]
+            incident = replace(incident, description=describe(incident.kind, window))
+        described.append(incident)
+    return described
+
+
+def _incident_entry(incident: Incident) -> dict[str, Any]:
+    description = incident.description
+    return {
+        "kind": incident.kind,
+        "title": description.title,
+        "module": description.module,
+        "fingerprint": description.fingerprint,
+        "frames": [frame.as_dict() for frame in description.frames],
+        "line": incident.line.text,
+        "received_at": iso(incident.line.received_at),
+        "seq": incident.line.seq,
+        "kernel_time_us": incident.line.kernel_time_us,
+    }
 
 
 def _log_entry(line: LogLine) -> dict[str, Any]:
@@ -62,6 +113,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The report body for an instance: its whole buffer now, what was detected, its system info."""
     info = instance.system_info
+    lines = list(instance.buffer)
+    incidents = describe_incidents(incidents, lines)
     return {
         "version": VERSION,
         "report_id": report_id or new_report_id(),
@@ -74,18 +127,9 @@ def build_report(
             "first_seen": iso(instance.first_seen),
             "last_seen": iso(instance.last_seen),
         },
-        "incidents": [
-            {
-                "kind": incident.kind,
-                "line": incident.line.text,
-                "received_at": iso(incident.line.received_at),
-                "seq": incident.line.seq,
-                "kernel_time_us": incident.line.kernel_time_us,
-            }
-            for incident in incidents
-        ],
+        "incidents": [_incident_entry(incident) for incident in incidents],
         "suppressed_incidents": suppressed,
-        "log": [_log_entry(line) for line in instance.buffer],
+        "log": [_log_entry(line) for line in lines],
         "log_dropped_lines": instance.buffer.dropped,
         "lost_messages": instance.lost_messages,
         "system_info": (

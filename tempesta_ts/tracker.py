@@ -3,9 +3,11 @@
 After an instance's first incident line the tracker waits for ``settle_seconds`` of quiet from
 that instance (each new line restarts the wait, up to a maximum) so that the call trace and the
 end marker are in the report; an end marker sends at once. Incidents within one window go into
-one report. Same-signature warnings and errors of an instance within ``cooldown_seconds`` of a
-report are only counted, into the next report's ``suppressed_incidents``; crash, oops and bug
-are never suppressed.
+one report. When the window closes its incidents are described (title, module, frames,
+fingerprint: the trace is in by then); warnings and errors whose fingerprint the instance
+reported within ``cooldown_seconds`` are only counted, into the next report's
+``suppressed_incidents``, and a window of nothing else sends no report. Crash, oops and bug are
+never suppressed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from tempesta_ts.buffers import Instance
 from tempesta_ts.incidents import Rules, is_end_marker, signature
 from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
-from tempesta_ts.report import Incident
+from tempesta_ts.report import Incident, describe_incidents
 from tempesta_ts.throttle import Throttle
+from tempesta_ts.titles import plain
 
 #: Kinds that are reported every time, whatever the cooldown.
 NEVER_SUPPRESSED = frozenset({"crash", "oops", "bug"})
@@ -29,7 +32,8 @@ NEVER_SUPPRESSED = frozenset({"crash", "oops", "bug"})
 #: instance must not hold its report back for ever), and never later than MAX_WINDOW_SECONDS.
 MAX_WINDOW_FACTOR = 10
 MAX_WINDOW_SECONDS = 300.0
-#: Cooldown entries kept per instance (distinct signatures), the oldest forgotten first.
+#: Cooldown entries kept per instance (distinct fingerprints, and signatures of incidents seen
+#: lately), the oldest forgotten first.
 MAX_SIGNATURES = 256
 
 
@@ -82,8 +86,10 @@ class IncidentTracker:
         self.submit = submit
         self.stats = stats
         self._windows: dict[str, _Window] = {}
-        #: address -> signature -> when it was last reported.
+        #: address -> fingerprint -> when it was last reported.
         self._reported: dict[str, dict[str, float]] = {}
+        #: address -> signature -> when a window with it closed: a repeat is announced quietly.
+        self._recent: dict[str, dict[str, float]] = {}
         #: address -> incidents folded since that instance's last report.
         self._suppressed: Counter = Counter()
         self._pending: set[Deferred] = set()
@@ -110,6 +116,7 @@ class IncidentTracker:
         if instance.address in self._windows:
             self._close(instance.address)
         self._reported.pop(instance.address, None)
+        self._recent.pop(instance.address, None)
         self._suppressed.pop(instance.address, None)
         self.last_incidents.pop(instance.address, None)
 
@@ -136,25 +143,22 @@ class IncidentTracker:
         else:
             self._rearm(window)
 
-    def _incident(self, instance: Instance, window: _Window | None, line: LogLine, detection) -> _Window | None:
+    def _incident(self, instance: Instance, window: _Window | None, line: LogLine, detection) -> _Window:
         now = self.clock.seconds()
         kind = detection.kind
         sig = signature(kind, line.text)
         self.stats[f"incidents_{kind}"] += 1
         incident = Incident(kind, line, detection.rule, sig)
-        if kind not in NEVER_SUPPRESSED:
-            last = self._reported.get(instance.address, {}).get(sig)
-            if last is not None and now - last < self.cooldown:
-                self._suppressed[instance.address] += 1
-                self.stats["incidents_suppressed"] += 1
-                self.last_incidents[instance.address] = LastIncident(incident, suppressed=True)
-                return window
         self.last_incidents[instance.address] = LastIncident(incident)
         if window is None:
             window = self._windows[instance.address] = _Window(instance, now)
             # Every line counts now (the trace, the end marker), not only incident lines.
             instance.watched = True
-            self.log.info(
+            # Whether it repeats what was reported is known once the trace is in; a line seen
+            # in a window lately is most likely a repeat, announced only at debug level.
+            seen = self._recent.get(instance.address, {}).get(sig)
+            announce = self.log.debug if seen is not None and now - seen < self.cooldown else self.log.info
+            announce(
                 "{kind} on {instance}: {line}; reporting after {settle} s of quiet",
                 kind=kind,
                 instance=instance.address,
@@ -185,21 +189,38 @@ class IncidentTracker:
 
     def _close(self, address: str) -> None:
         window = self._windows.pop(address)
-        window.instance.watched = False
+        instance = window.instance
+        instance.watched = False
         if window.timer is not None and window.timer.active():
             window.timer.cancel()
         now = self.clock.seconds()
-        suppressed = self._suppressed.pop(address, 0) + window.folded
-        report = self.make_report(window.instance, window.incidents, suppressed)
-        last = self.last_incidents.get(address)
-        if last is not None and not last.suppressed and last.report_id is None:
-            self.last_incidents[address] = replace(last, report_id=report["report_id"])
+        incidents = self._describe(window)
+        kept, repeats = self._fold(address, incidents)
+        recent = self._recent.setdefault(address, {})
+        for incident in incidents:
+            _touch(recent, incident.signature, now)
+        if not kept:
+            # Everything in the window was reported within the cooldown: counted, not sent.
+            self._suppressed[address] += window.folded + repeats
+            self._show(address, incidents, None)
+            self.log.debug(
+                "{instance}: {titles} reported within {cooldown} s; folded into the next report",
+                instance=address, titles="; ".join(i.description.title for i in incidents),
+                cooldown=self.cooldown,
+            )
+            return
+        suppressed = self._suppressed.pop(address, 0) + window.folded + repeats
+        report = self.make_report(instance, kept, suppressed)
+        self._show(address, incidents, report["report_id"], kept)
         reported = self._reported.setdefault(address, {})
-        for incident in window.incidents:
-            reported.pop(incident.signature, None)
-            reported[incident.signature] = now
-        while len(reported) > MAX_SIGNATURES:
-            del reported[next(iter(reported))]
+        for incident in kept:
+            _touch(reported, incident.description.fingerprint, now)
+        self.log.info(
+            "Report {report_id} for {instance}: {titles}",
+            report_id=report["report_id"],
+            instance=address,
+            titles="; ".join(_shown(incident) for incident in kept),
+        )
         self.stats["reports_created"] += 1
         d = self.submit(report)
         self._pending.add(d)
@@ -218,3 +239,65 @@ class IncidentTracker:
             )
 
         d.addBoth(done).addErrback(failed)
+
+    def _describe(self, window: _Window) -> list[Incident]:
+        try:
+            return describe_incidents(window.incidents, list(window.instance.buffer))
+        except Exception:
+            # A title is not worth a lost report: the incident goes out named by its line.
+            self.stats["tracker_errors"] += 1
+            if self._throttle.hit("describe", self.clock.seconds()) is not None:
+                self.log.failure("Failed to describe the incidents of {instance}",
+                                 instance=window.instance.address)
+            return [replace(i, description=plain(i.kind, i.line.text)) for i in window.incidents]
+
+    def _fold(self, address: str, incidents: list[Incident]) -> tuple[list[Incident], int]:
+        """The incidents to report, and how many are repeats folded by fingerprint: of one
+        reported within the cooldown, or of one earlier in the window."""
+        reported = self._reported.get(address, {})
+        kept: list[Incident] = []
+        fingerprints: set[str] = set()
+        repeats = 0
+        for incident in incidents:
+            fingerprint = incident.description.fingerprint
+            if incident.kind not in NEVER_SUPPRESSED:
+                last = reported.get(fingerprint)
+                if last is not None and incident.line.received_at - last < self.cooldown:
+                    repeats += 1
+                    self.stats["incidents_suppressed"] += 1
+                    continue
+                if fingerprint in fingerprints:
+                    repeats += 1
+                    continue
+            fingerprints.add(fingerprint)
+            kept.append(incident)
+        return kept, repeats
+
+    def _show(self, address: str, incidents: list[Incident], report_id: str | None,
+              kept: Sequence[Incident] = ()) -> None:
+        """The status page's latest incident, now with its title, and what became of it."""
+        last = self.last_incidents.get(address)
+        if last is None or last.report_id is not None:
+            return
+        # The latest incident is in the window, or folded into one of it with its signature.
+        described = next((i for i in reversed(incidents) if i.signature == last.incident.signature), None)
+        if described is None:
+            return
+        incident = replace(last.incident, description=described.description)
+        if any(incident is described for incident in kept):
+            self.last_incidents[address] = LastIncident(incident, report_id)
+        else:
+            self.last_incidents[address] = LastIncident(incident, suppressed=True)
+
+
+def _touch(times: dict[str, float], key: str, now: float) -> None:
+    # Most recent last, so that the oldest entries are the ones forgotten past the bound.
+    times.pop(key, None)
+    times[key] = now
+    while len(times) > MAX_SIGNATURES:
+        del times[next(iter(times))]
+
+
+def _shown(incident: Incident) -> str:
+    module = incident.description.module
+    return f"{incident.description.title} ({module})" if module else incident.description.title

@@ -89,6 +89,7 @@ def instance_status(instance: Instance, tracker, reporter) -> dict[str, Any]:
             if last is None
             else {
                 "kind": last.incident.kind,
+                "title": _title(last),
                 "line": _clip(last.incident.line.text, JSON_LINE_CHARS),
                 "received_at": iso(last.incident.line.received_at),
                 "report_id": last.report_id,
@@ -96,6 +97,12 @@ def instance_status(instance: Instance, tracker, reporter) -> dict[str, Any]:
             }
         ),
     }
+
+
+def _title(last: LastIncident) -> str | None:
+    """The incident's title, once its report was made (None while it settles)."""
+    description = last.incident.description
+    return None if description is None else description.title
 
 
 def _address_key(address: str) -> tuple:
@@ -231,10 +238,12 @@ def _instance_row(instance: Instance, server, now: float) -> str:
     else:
         line = last.incident.line
         report = "" if last.report_id is None else f" {_e(last.report_id)}"
+        title = _title(last)
         incident = (
             f"<b>{_e(last.incident.kind)}</b> {_e(duration(now - line.received_at))} ago; "
             f"report{report}: {_e(report_state(last, server.reporter))}<br>"
-            f"<code>{_e(_clip(line.text, HTML_LINE_CHARS))}</code>"
+            + ("" if title is None else f"{_e(title)}<br>")
+            + f"<code>{_e(_clip(line.text, HTML_LINE_CHARS))}</code>"
         )
     cells = (
         _e(instance.address),

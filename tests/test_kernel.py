@@ -174,6 +174,10 @@ class KernelNetconsoleTests(unittest.TestCase):
     def test_kernel_panic_gives_one_report_with_the_whole_trace(self):
         output, console, reports = yield self._boot("crash")
         report = self.assert_one_report(reports, "crash", "Kernel panic - not syncing: sysrq triggered crash")
+        incident = report["incidents"][0]
+        self.assertEqual(incident["title"], "kernel panic: sysrq triggered crash")
+        self.assertIn("sysrq_handle_crash", [f["function"] for f in incident["frames"]])
+        self.assertRegex(incident["fingerprint"], r"\A[0-9a-f]{16}\Z")
         texts = [entry["text"] for entry in report["log"]]
         self.assertTrue(texts[0].startswith("Linux version "), texts[:3])
         self.assertIn("Call Trace:", [t.strip() for t in texts])
@@ -186,4 +190,5 @@ class KernelNetconsoleTests(unittest.TestCase):
         (report,) = reports
         self.assertEqual(report["incidents"][0]["kind"], kind, report["incidents"])
         self.assertIn(line, [i["line"] for i in report["incidents"]])
+        self.assertTrue(all(i["title"] for i in report["incidents"]), report["incidents"])
         return report

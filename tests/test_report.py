@@ -44,7 +44,10 @@ class ReportTests(unittest.TestCase):
              "suppressed_incidents", "log", "log_dropped_lines", "lost_messages", "system_info"},
         )
         self.assertEqual(set(r["instance"]), {"address", "kernel_release", "first_seen", "last_seen"})
-        self.assertEqual(set(r["incidents"][0]), {"kind", "line", "received_at", "seq", "kernel_time_us"})
+        self.assertEqual(
+            set(r["incidents"][0]),
+            {"kind", "title", "module", "fingerprint", "frames", "line", "received_at", "seq", "kernel_time_us"},
+        )
         self.assertEqual(set(r["log"][0]), {"received_at", "text", "level", "seq", "kernel_time_us"})
         json.dumps(r)
 

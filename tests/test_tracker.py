@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from twisted.internet import defer, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry
@@ -16,6 +17,16 @@ from tests.captures import datagrams
 
 HOST = "192.0.2.10"
 WARNING = b"[   10.000000] WARNING: CPU: %d PID: %d at net/core/dev.c:123 dev_queue_xmit+0x1/0x2\n"
+# One WARN_ON in an allocator, reached from two callers: one line, two bugs.
+ALLOC_WARNING = (
+    b"[   20.000000] WARNING: CPU: 1 PID: 7 at mm/page_alloc.c:4360 __alloc_pages+0x2cc/0x340\n"
+    b"[   20.000001] RIP: 0010:__alloc_pages+0x2cc/0x340\n"
+    b"[   20.000002] Call Trace:\n"
+    b"[   20.000003]  <TASK>\n"
+    b"[   20.000004]  %s+0x1f/0x60 [tempesta_fw]\n"
+    b"[   20.000005]  tfw_http_msg_process+0x5a/0x120 [tempesta_fw]\n"
+    b"[   20.000006]  </TASK>\n"
+)
 
 
 class TrackerTests(unittest.TestCase):
@@ -206,4 +217,100 @@ class LastIncidentTests(TrackerTests):
         self.send(WARNING % (1, 42))
         self.clock.advance(5)
         self.send(WARNING % (2, 43))
+        # A repeat is told by its fingerprint, which needs the trace: settling until then.
+        self.assertFalse(self.tracker.last_incidents[HOST].suppressed)
+        self.clock.advance(5)
         self.assertTrue(self.tracker.last_incidents[HOST].suppressed)
+
+    def test_latest_incident_has_its_title_once_reported(self):
+        self.send(WARNING % (1, 42))
+        self.assertIsNone(self.tracker.last_incidents[HOST].incident.description)
+        self.clock.advance(5)
+        description = self.tracker.last_incidents[HOST].incident.description
+        self.assertEqual(description.title, "WARNING in dev_queue_xmit")
+
+
+class FingerprintFoldingTests(TrackerTests):
+    """Cooldown folds repeats of one bug, told by kind and title, not by the trigger line."""
+
+    def test_same_line_with_another_guilty_frame_is_another_bug(self):
+        self.send(ALLOC_WARNING % b"tfw_pool_new")
+        self.clock.advance(5)
+        self.send(ALLOC_WARNING % b"tfw_cache_copy_resp")
+        self.clock.advance(5)
+        titles = [r["incidents"][0]["title"] for r in self.reports]
+        self.assertEqual(titles, ["WARNING in tfw_pool_new", "WARNING in tfw_cache_copy_resp"])
+        self.assertEqual({r["incidents"][0]["module"] for r in self.reports}, {"tempesta_fw"})
+
+    def test_repeat_of_a_reported_bug_is_counted_not_sent(self):
+        self.send(ALLOC_WARNING % b"tfw_pool_new")
+        self.clock.advance(5)
+        self.send(ALLOC_WARNING.replace(b"CPU: 1 PID: 7", b"CPU: 3 PID: 99") % b"tfw_pool_new")
+        self.clock.advance(5)
+        self.assertEqual(len(self.reports), 1)
+        self.assertEqual(self.stats["incidents_suppressed"], 1)
+        self.send(b"[   30.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+        self.clock.advance(5)
+        self.assertEqual(self.reports[1]["suppressed_incidents"], 1)
+
+    def test_window_with_a_repeat_and_a_new_bug_lists_only_the_new_one(self):
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.send(WARNING % (2, 43))
+        self.send(b"[   10.500000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+        self.clock.advance(5)
+        self.assertEqual([i["kind"] for i in self.reports[1]["incidents"]], ["bug"])
+        self.assertEqual(self.reports[1]["suppressed_incidents"], 1)
+
+    def test_two_lines_naming_one_bug_in_one_window_are_listed_once(self):
+        # Two WARN_ONs of one function (other lines, other signatures): one title, one bug.
+        self.send(b"[   10.000000] WARNING: CPU: 0 PID: 1 at net/core/dev.c:123 dev_queue_xmit+0x1/0x2\n")
+        self.send(b"[   10.100000] WARNING: CPU: 0 PID: 1 at net/core/dev.c:130 dev_queue_xmit+0x9/0x2\n")
+        self.clock.advance(5)
+        (report,) = self.reports
+        self.assertEqual([i["title"] for i in report["incidents"]], ["WARNING in dev_queue_xmit"])
+        self.assertEqual(report["suppressed_incidents"], 1)
+
+    def test_crash_with_a_reported_fingerprint_is_reported_again(self):
+        for _ in range(2):
+            self.send(b"[    1.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+            self.clock.advance(5)
+        self.assertEqual(len(self.reports), 2)
+        self.assertEqual(self.reports[0]["incidents"][0]["fingerprint"],
+                         self.reports[1]["incidents"][0]["fingerprint"])
+
+    def test_report_is_announced_with_its_title(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.send(ALLOC_WARNING % b"tfw_pool_new")
+        self.clock.advance(5)
+        said = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.info]
+        self.assertIn(f"Report {self.reports[0]['report_id']} for {HOST}: WARNING in tfw_pool_new (tempesta_fw)", said)
+
+    def test_repeat_within_cooldown_is_announced_quietly(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        said = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.info]
+        self.assertEqual(len([s for s in said if s.startswith("warning on")]), 1)
+        self.assertEqual(len([s for s in said if s.startswith("Report ")]), 1)
+
+    def test_a_failing_title_does_not_lose_the_report(self):
+        from tempesta_ts import tracker
+
+        def broken(incidents, lines):
+            raise RuntimeError("boom")
+
+        self.patch(tracker, "describe_incidents", broken)
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        (report,) = self.reports
+        self.assertEqual(report["incidents"][0]["title"],
+                         "WARNING: CPU: NUM PID: NUM at net/core/dev.c:LINE dev_queue_xmit")
+        self.assertEqual(self.stats["tracker_errors"], 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

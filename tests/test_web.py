@@ -28,7 +28,7 @@ INSTANCE_KEYS = {
     "address", "kernel_release", "first_seen", "last_seen", "lines", "bytes", "lines_pushed_out",
     "lost_messages", "system_info", "last_incident",
 }
-INCIDENT_KEYS = {"kind", "line", "received_at", "report_id", "report_state"}
+INCIDENT_KEYS = {"kind", "title", "line", "received_at", "report_id", "report_state"}
 SPOOL_KEYS = {"pending", "bytes", "oldest", "in_flight", "last_error"}
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 SCRIPT_LINE = b"[   12.345678] WARNING: CPU: 0 PID: 1 at <script>alert('x')</script> & more\n"
@@ -108,11 +108,13 @@ class StatusJSONTests(StatusCase):
         self.assertRegex(incident["received_at"], ISO)
         self.assertIsNone(incident["report_id"])
         self.assertEqual(incident["report_state"], "settling")
+        self.assertIsNone(incident["title"])
 
         self.advance(0.5)
         incident = self.document(svc)["instances"][0]["last_incident"]
         self.assertRegex(incident["report_id"], r"\A[0-9a-f]{32}\Z")
         self.assertEqual(incident["report_state"], "written")
+        self.assertEqual(incident["title"], "WARNING: CPU: NUM PID: NUM at <script>alert('x')</script> & more")
 
     def test_report_states_with_a_support_server(self):
         svc = self.make(FakeSupport([Answer(status=503)]), cooldown_seconds=300.0)
@@ -135,10 +137,14 @@ class StatusJSONTests(StatusCase):
         self.assertEqual(doc["spool"]["pending"], 0)
         self.assertIsNone(doc["spool"]["last_error"])
 
-        # The same warning within the cooldown is folded, not reported.
+        # The same warning within the cooldown is folded, not reported, once its window closes.
         self.send(svc, "127.0.0.2", b"[   20.000000] WARNING test message\n")
         incident = self.document(svc)["instances"][0]["last_incident"]
+        self.assertEqual(incident["report_state"], "settling")
+        self.advance(1.0)
+        incident = self.document(svc)["instances"][0]["last_incident"]
         self.assertEqual(incident["report_state"], "folded")
+        self.assertEqual(incident["title"], "WARNING test message")
         self.assertIsNone(incident["report_id"])
 
     def test_every_instance_is_listed(self):
@@ -163,6 +169,7 @@ class StatusPageTests(StatusCase):
         self.assertIn("127.0.0.2", page)
         self.assertIn("<b>warning</b>", page)
         self.assertIn(": written", page)
+        self.assertIn("written<br>WARNING: CPU: NUM PID: NUM at &lt;script&gt;", page)
         self.assertIn("stand-alone", page)
         self.assertIn(f"tempesta-ts {__version__}", page)
         self.assertNotIn("<script", page.lower())
