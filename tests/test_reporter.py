@@ -24,15 +24,17 @@ from tempesta_ts.reporter import (
     GZIP_THRESHOLD,
     HTTPSPolicy,
     Reporter,
+    UnverifiedTLS,
+    describe_failure,
+    parse_retry_after,
+)
+from tempesta_ts.spool import (
     ReportTooLarge,
     Spool,
     SpooledReport,
-    UnverifiedTLS,
-    describe_failure,
     encode_report,
     file_name,
     parse_file_name,
-    parse_retry_after,
 )
 from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
 from tests.waits import wait_until
