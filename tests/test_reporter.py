@@ -20,14 +20,8 @@ from twisted.web.client import ResponseNeverReceived
 
 from tempesta_ts import __version__
 from tempesta_ts.config import Config, ConfigError
-from tempesta_ts.reporter import (
-    GZIP_THRESHOLD,
-    HTTPSPolicy,
-    Reporter,
-    UnverifiedTLS,
-    describe_failure,
-    parse_retry_after,
-)
+from tempesta_ts.https_policy import HTTPSPolicy, UnverifiedTLS
+from tempesta_ts.reporter import GZIP_THRESHOLD, Reporter, describe_failure, parse_retry_after
 from tempesta_ts.spool import (
     ReportTooLarge,
     Spool,
