@@ -1,7 +1,9 @@
-"""Delivery of reports to the Support Server: a durable spool on disk, HTTPS with retries.
+"""The delivery scheduler: the sink that sends spooled reports to the Support Server.
 
-A report is on disk (fsynced) before its first attempt and leaves the spool only on a 2xx, so a
-restart or an outage of the Support Server loses nothing. docs/support-api.md has the contract.
+A report is on disk (tempesta_ts/spool.py) before its first attempt and leaves the spool only on
+a 2xx, so a restart or an outage of the Support Server loses nothing. Attempts (one request each,
+tempesta_ts/delivery.py) are bounded in time and in number at once, retried with backoff, and
+their outcomes kept for the status page. docs/support-api.md has the contract.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from tempesta_ts.config import Config
 from tempesta_ts.delivery import (
@@ -27,6 +30,7 @@ from tempesta_ts.delivery import (
 )
 from tempesta_ts.files import NotRegularFile
 from tempesta_ts.log import escape, get_logger, mask_secret
+from tempesta_ts.sinks import IReportSink, Outcomes, write_failed
 from tempesta_ts.spool import ReportTooLarge, Spool, SpooledReport
 from tempesta_ts.throttle import Throttle
 
@@ -49,8 +53,6 @@ NOTICE_INTERVAL = 60.0
 REJECTED = frozenset({400, 413, 422})
 REFUSED_CREDENTIALS = frozenset({401, 403})
 
-#: How many ended reports the reporter remembers for the status page.
-MAX_OUTCOMES = 4096
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,10 @@ class _Attempt:
         self.abandoned = False
 
 
+@implementer(IReportSink)
 class Reporter(service.Service):
-    """Spools reports and delivers them to the Support Server, or writes them locally."""
+    """The sink of a server with a Support Server: spools each report, then delivers it, as
+    many at once as max_in_flight allows, retrying with backoff until a 2xx or a rejection."""
 
     log = get_logger(__name__)
 
@@ -95,6 +99,7 @@ class Reporter(service.Service):
         response_timeout: float = RESPONSE_TIMEOUT,
         shutdown_grace: float = SHUTDOWN_GRACE,
         rng: random.Random | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
         self.clock = reactor
@@ -106,16 +111,13 @@ class Reporter(service.Service):
         self.response_timeout = response_timeout
         self.shutdown_grace = shutdown_grace
         self.rng = rng if rng is not None else random.Random()
-        self.spool = Spool(
-            config.spool_dir, config.spool_max_bytes, stats, reactor, exclusive=config.reuse_port
-        )
+        self.spool = spool if spool is not None else Spool.of(config, stats, reactor)
         #: Called with (report_id, seconds from spooled to delivered) on each delivery.
         self.on_delivered: Callable[[str, float], None] | None = None
         #: The last failure, one line; None once a report is delivered again.
         self.last_error: str | None = None
         self._states: dict[str, DeliveryState] = {}
-        #: How recent reports ended (delivered, rejected, written), newest last, bounded.
-        self._outcomes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._outcomes = Outcomes()
         self._in_flight: dict[str, _Attempt] = {}
         self._wakeup = None
         self._pumping = False
@@ -123,10 +125,6 @@ class Reporter(service.Service):
         self._stop_waiter: defer.Deferred | None = None
         self._failing = False
         self._notices = Throttle(NOTICE_INTERVAL)
-        self.client: SupportClient | None = None
-        self.host = self.url = None
-        if config.standalone:
-            return
         self.client = SupportClient(config, reactor, http_client, max_connections=max_in_flight,
                                     connect_timeout=connect_timeout)
         self.host, self.url = self.client.host, self.client.url
@@ -139,16 +137,11 @@ class Reporter(service.Service):
         return dict(self._states)
 
     def state_of(self, report_id: str) -> str:
-        """One word for a report: pending, delivered, rejected, written, or unknown (dropped
-        from the spool, or ended too long ago to remember)."""
+        """One word for a report: pending, delivered, rejected, or unknown (dropped from the
+        spool, or ended too long ago to remember)."""
         if report_id in self._states or self.spool.get(report_id) is not None:
             return "pending"
-        return self._outcomes.get(report_id, "unknown")
-
-    def _ended(self, report_id: str, outcome: str) -> None:
-        self._outcomes[report_id] = outcome
-        while len(self._outcomes) > MAX_OUTCOMES:
-            self._outcomes.popitem(last=False)
+        return self._outcomes.get(report_id)
 
     @property
     def in_flight(self) -> int:
@@ -161,15 +154,6 @@ class Reporter(service.Service):
         waiting = self.spool.open()
         super().startService()
         self._stop_waiter = None
-        if self.config.standalone:
-            if waiting:
-                self.log.warn(
-                    "{count} reports wait in {path} from a run with a Support Server; "
-                    "set support_host to send them",
-                    count=len(waiting),
-                    path=self.spool.pending_dir,
-                )
-            return
         if waiting:
             self.log.info(
                 "{count} reports ({size} bytes) wait in the spool from a previous run; "
@@ -202,41 +186,19 @@ class Reporter(service.Service):
 
     def _close(self) -> defer.Deferred:
         self.spool.release()
-        if self.client is None:
-            return defer.succeed(None)
         return self.client.close()
 
     # -- submit -----------------------------------------------------------------------------
 
     def submit(self, report: dict) -> defer.Deferred:
-        """Fire with the SpooledReport (stand-alone: the file's path) once the report is on disk."""
-        report_id = report.get("report_id")
+        """Fire with the SpooledReport once the report is on disk; its delivery begins."""
         try:
-            if self.config.standalone:
-                path = self.spool.write_local(report)
-            else:
-                entry = self.spool.write(report)
+            entry = self.spool.write(report)
         except ReportTooLarge:
-            return defer.fail()
+            return defer.fail()  # Spool.write counted and logged it
         except (OSError, ValueError) as e:
-            self.stats["spool_errors"] += 1
-            reason = getattr(e, "strerror", None) or str(e)
-            self.log.error(
-                "Cannot write report {report_id} to {path}: {reason}",
-                report_id=report_id,
-                path=self.config.spool_dir,
-                reason=reason,
-            )
+            write_failed(self.log, self.stats, report.get("report_id"), self.spool.directory, e)
             return defer.fail()
-        if self.config.standalone:
-            self.stats["reports_written_local"] += 1
-            self._ended(report_id, "written")
-            self.log.info(
-                "Report {report_id} written to {path} (stand-alone: no support_host)",
-                report_id=report_id,
-                path=path,
-            )
-            return defer.succeed(path)
         self._states.setdefault(entry.report_id, DeliveryState())
         self._pump()
         return defer.succeed(entry)
@@ -258,7 +220,7 @@ class Reporter(service.Service):
             self._pumping = False
 
     def _pump_once(self) -> None:
-        if not self.running or self.config.standalone:
+        if not self.running:
             return
         self._cancel_wakeup()
         now = self.clock.seconds()
@@ -398,7 +360,7 @@ class Reporter(service.Service):
                            reason=e.strerror)
             self.spool.forget(entry)
         self.stats["reports_delivered"] += 1
-        self._ended(entry.report_id, "delivered")
+        self._outcomes.ended(entry.report_id, "delivered")
         latency = now - entry.created
         if self._failing:
             self._failing = False
@@ -422,7 +384,7 @@ class Reporter(service.Service):
         self._states.pop(entry.report_id, None)
         path = self.spool.reject(entry)
         self.stats["reports_rejected"] += 1
-        self._ended(entry.report_id, "rejected")
+        self._outcomes.ended(entry.report_id, "rejected")
         self.last_error = f"HTTP {status}: report {entry.report_id} rejected"
         self.log.error(
             "The Support Server rejected report {report_id} with HTTP {status}: {answer}; "

@@ -140,6 +140,12 @@ class Spool:
         self._loaded = False
         self._drops = Throttle(NOTICE_INTERVAL)
 
+    @classmethod
+    def of(cls, config, stats, clock) -> Spool:
+        """The spool of a configuration: spool_dir, spool_max_bytes, locked under reuse_port."""
+        return cls(config.spool_dir, config.spool_max_bytes, stats, clock,
+                   exclusive=config.reuse_port)
+
     # Disk is touched only from load() on, so that directories are created after twistd has
     # dropped privileges, owned by the user that will write them.
     def load(self) -> None:

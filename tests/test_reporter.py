@@ -23,6 +23,7 @@ from tempesta_ts.config import Config, ConfigError
 from tempesta_ts.delivery import GZIP_THRESHOLD, describe_failure, parse_retry_after
 from tempesta_ts.https_policy import HTTPSPolicy, UnverifiedTLS
 from tempesta_ts.reporter import Reporter
+from tempesta_ts.sinks import LocalReports
 from tempesta_ts.spool import (
     ReportTooLarge,
     Spool,
@@ -507,7 +508,8 @@ class FlowTests(ReporterTestCase):
         self.assertTrue(any("3 reports" in t for t in self.texts(LogLevel.info)))
 
     def test_stand_alone_writes_local_json_and_sends_nothing(self):
-        rep = Reporter(Config(spool_dir=self.spool_dir), self.clock, self.stats)
+        config = Config(spool_dir=self.spool_dir)
+        rep = LocalReports(Spool.of(config, self.stats, self.clock), self.stats)
         rep.startService()
         results = []
         rep.submit(report(9)).addCallback(results.append)
