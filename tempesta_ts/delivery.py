@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import gzip
+from dataclasses import dataclass
 from datetime import timezone
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
@@ -38,6 +39,22 @@ QUOTE_BYTES = 4096
 IDLE_CONNECTION_SECONDS = 30.0
 
 USER_AGENT = f"tempesta-ts/{__version__}"
+
+#: Answers that refuse a report for good: it is kept under rejected/, never sent again.
+REJECTED = frozenset({400, 413, 422})
+#: Answers that refuse the credentials: retried at the slowest pace.
+REFUSED_CREDENTIALS = frozenset({401, 403})
+#: Answers, beside 5xx, of a Support Server too busy to take the report now.
+BUSY = frozenset({408, 429})
+
+#: What a failure can be, as /status.json says it (spool.last_error_kind) and the probe reads
+#: it: the TLS handshake or verification, the credentials refused (401, 403), the connection
+#: refused, no connection or answer in time, the name not resolving, the report rejected for
+#: good (400, 413, 422), the Support Server failing or busy (5xx, 408, 429), anything else
+#: (another status such as 404 or 3xx, a connection lost or impossible, an unreadable spool).
+FAILURE_KINDS = (
+    "tls", "credentials", "refused", "timeout", "dns", "rejected", "server_error", "other"
+)
 
 
 @implementer(IAgentEndpointFactory)
@@ -188,46 +205,75 @@ def _openssl_reasons(value: SSL.Error) -> str:
     return "; ".join(reasons) or str(value) or "TLS error"
 
 
-def describe_failure(failure: Failure, host: str, port: int) -> tuple[str, str]:
-    """(kind, why) of a failed attempt: kind groups notices, why is one short line."""
+@dataclass(frozen=True)
+class Failed:
+    """What a failed attempt was: its kind (one of FAILURE_KINDS: what /status.json and the
+    probe go by), one line saying why with the fix, and the finer cause that groups its
+    notices in the log (tls-verify, http-503, lost...)."""
+
+    kind: str
+    why: str
+    cause: str
+
+
+def describe_failure(failure: Failure, host: str, port: int) -> Failed:
+    """What an attempt that got no answer ran into: TLS, the connection, the name."""
     reasons = _reasons(failure.value)
     for value in reasons:
         if isinstance(value, CertificateError):
             # No subjectAltName (or a malformed one): the common name is not a host's name.
-            return "tls-verify", (
+            return Failed("tls", (
                 f"TLS verification failed for {host}: its certificate does not name {host} "
                 f"(no valid subjectAltName; the common name does not count); have it reissued "
                 f"with {host} in subjectAltName, or set skip_ssl_verification"
-            )
+            ), "tls-verify")
         if isinstance(value, VerificationError):
-            return "tls-verify", (
+            return Failed("tls", (
                 f"TLS verification failed for {host}: its certificate does not name {host}; "
                 "use the name the certificate is for as support_host, or support_ca_file / "
                 "skip_ssl_verification"
-            )
+            ), "tls-verify")
         if isinstance(value, SSL.Error):
             text = _openssl_reasons(value)
             if "certificate verify failed" in text:
-                return "tls-verify", (
+                return Failed("tls", (
                     f"TLS verification failed for {host}: certificate verify failed (not signed "
                     "by a trusted CA, or expired); set support_ca_file to the PEM of the CA that "
                     "signed it, or skip_ssl_verification"
-                )
-            return "tls", f"TLS handshake with {host}:{port} failed: {text}"
+                ), "tls-verify")
+            return Failed("tls", f"TLS handshake with {host}:{port} failed: {text}", "tls")
     for value in reasons:
         if isinstance(value, error.ConnectionRefusedError):
-            return "refused", f"connection refused by {host}:{port}"
+            return Failed("refused", f"connection refused by {host}:{port}", "refused")
         if isinstance(value, error.DNSLookupError):
-            return "dns", f"cannot resolve {host} (DNS)"
+            return Failed("dns", f"cannot resolve {host} (DNS)", "dns")
         if isinstance(value, (error.TimeoutError, error.TCPTimedOutError)):
-            return "timeout", f"timeout connecting to {host}:{port}"
+            return Failed("timeout", f"timeout connecting to {host}:{port}", "timeout")
         if isinstance(value, error.ConnectError):
-            return "connect", f"cannot connect to {host}:{port}: {value}"
+            return Failed("other", f"cannot connect to {host}:{port}: {value}", "connect")
     value = reasons[0]
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
-        return "lost", f"connection to {host}:{port} lost before an answer"
+        return Failed("other", f"connection to {host}:{port} lost before an answer", "lost")
     text = str(value) or type(value).__name__
-    return "other", f"{type(value).__name__}: {text[:200]}"
+    return Failed("other", f"{type(value).__name__}: {text[:200]}", "other")
+
+
+def describe_timeout(host: str, port: int, seconds: float) -> Failed:
+    """An attempt that had no whole answer within `seconds`."""
+    return Failed(
+        "timeout", f"no answer from {host}:{port} within {seconds:g} s (timeout)", "timeout"
+    )
+
+
+def describe_answer(status: int, client_id: str) -> Failed:
+    """An answer neither 2xx nor a rejection (REJECTED): all are retried."""
+    if status in REFUSED_CREDENTIALS:
+        return Failed("credentials", (
+            f"HTTP {status}: the Support Server refused the credentials of client "
+            f"{client_id}; check support_client_id and the API key"
+        ), "credentials")
+    kind = "server_error" if status >= 500 or status in BUSY else "other"
+    return Failed(kind, f"HTTP {status} from the Support Server", f"http-{status}")
 
 
 class SupportClient:

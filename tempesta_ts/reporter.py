@@ -24,8 +24,13 @@ from tempesta_ts.config import Config
 from tempesta_ts.delivery import (
     CONNECT_TIMEOUT,
     QUOTE_BYTES,
+    REFUSED_CREDENTIALS,
+    REJECTED,
+    Failed,
     SupportClient,
+    describe_answer,
     describe_failure,
+    describe_timeout,
     parse_retry_after,
 )
 from tempesta_ts.files import NotRegularFile
@@ -49,9 +54,6 @@ SHUTDOWN_GRACE = 5.0
 BODY_QUOTE = 200
 #: One notice per kind of failure at most this often.
 NOTICE_INTERVAL = 60.0
-
-REJECTED = frozenset({400, 413, 422})
-REFUSED_CREDENTIALS = frozenset({401, 403})
 
 
 
@@ -116,6 +118,8 @@ class Reporter(service.Service):
         self.on_delivered: Callable[[str, float], None] | None = None
         #: The last failure, one line; None once a report is delivered again.
         self.last_error: str | None = None
+        #: Its kind, one of delivery.FAILURE_KINDS (what the probe's advice goes by), or None.
+        self.last_error_kind: str | None = None
         self._states: dict[str, DeliveryState] = {}
         self._outcomes = Outcomes()
         self._in_flight: dict[str, _Attempt] = {}
@@ -278,7 +282,8 @@ class Reporter(service.Service):
             self._states.pop(report_id, None)
             return
         except OSError as e:
-            self._retry(entry, "spool", f"cannot read {entry.path}: {e.strerror}", None, None)
+            failed = Failed("other", f"cannot read {entry.path}: {e.strerror}", "spool")
+            self._retry(entry, failed, None, None)
             return
         attempt = _Attempt(entry, self.clock.seconds())
         self._in_flight[report_id] = attempt
@@ -321,13 +326,10 @@ class Reporter(service.Service):
             )
             return
         if attempt.timed_out:
-            kind, why = "timeout", (
-                f"no answer from {self.host}:{self.config.support_port} within "
-                f"{self.response_timeout:g} s (timeout)"
-            )
+            failed = describe_timeout(self.host, self.client.port, self.response_timeout)
         else:
-            kind, why = describe_failure(failure, self.host, self.config.support_port)
-        self._retry(entry, kind, why, None, None)
+            failed = describe_failure(failure, self.host, self.client.port)
+        self._retry(entry, failed, None, None)
 
     def _answered(self, attempt: _Attempt, status: int, headers: Headers, quote: bytes) -> None:
         entry = attempt.entry
@@ -340,15 +342,9 @@ class Reporter(service.Service):
             retry_after = parse_retry_after(
                 (headers.getRawHeaders(b"retry-after") or [None])[0], now
             )
-            if status in REFUSED_CREDENTIALS:
-                why = (
-                    f"HTTP {status}: the Support Server refused the credentials of client "
-                    f"{self.config.support_client_id}; check support_client_id and the API key"
-                )
-                self._retry(entry, "credentials", why, status, retry_after, slowest=True)
-            else:
-                self._retry(entry, f"http-{status}", f"HTTP {status} from the Support Server",
-                            status, retry_after)
+            failed = describe_answer(status, self.config.support_client_id)
+            self._retry(entry, failed, status, retry_after,
+                        slowest=status in REFUSED_CREDENTIALS)
 
     def _delivered(self, entry: SpooledReport, status: int, now: float) -> None:
         state = self._states.pop(entry.report_id, DeliveryState())
@@ -365,7 +361,7 @@ class Reporter(service.Service):
         if self._failing:
             self._failing = False
             self.log.info("The Support Server accepts reports again")
-        self.last_error = None
+        self.last_error = self.last_error_kind = None
         self.log.info(
             "Report {report_id} delivered (HTTP {status}, attempt {attempts}, "
             "{latency:.1f} s after it was spooled)",
@@ -386,6 +382,7 @@ class Reporter(service.Service):
         self.stats["reports_rejected"] += 1
         self._outcomes.ended(entry.report_id, "rejected")
         self.last_error = f"HTTP {status}: report {entry.report_id} rejected"
+        self.last_error_kind = "rejected"
         self.log.error(
             "The Support Server rejected report {report_id} with HTTP {status}: {answer}; "
             "it is kept in {path} and will not be sent again",
@@ -398,13 +395,12 @@ class Reporter(service.Service):
     def _retry(
         self,
         entry: SpooledReport,
-        kind: str,
-        why: str,
+        failed: Failed,
         status: int | None,
         retry_after: float | None,
         slowest: bool = False,
     ) -> None:
-        why = escape(self._scrub(why))
+        why = escape(self._scrub(failed.why))
         now = self.clock.seconds()
         state = self._states.get(entry.report_id, DeliveryState(attempts=1))
         delay = self.backoff_cap if slowest else self._backoff(state.attempts)
@@ -413,13 +409,14 @@ class Reporter(service.Service):
         self._states[entry.report_id] = replace(
             state, next_attempt=now + delay, last_status=status, last_error=why
         )
-        self.last_error = why
+        self.last_error, self.last_error_kind = why, failed.kind
         self._failing = True
         self.stats["reports_retried"] += 1
-        held = self._notices.hit(kind, now)
+        held = self._notices.hit(failed.cause, now)
         if held is None:
             return
-        level = self.log.error if kind in ("tls-verify", "credentials") else self.log.warn
+        # What the operator must fix is an error; what may pass is a warning.
+        level = self.log.error if failed.cause in ("tls-verify", "credentials") else self.log.warn
         level(
             "Report {report_id} not delivered: {why}; it stays in the spool, next attempt in "
             "{delay:.1f} s ({held} similar failures since the last notice)",

@@ -147,6 +147,7 @@ def spool_status(server) -> dict[str, Any]:
         "oldest": iso(spool.oldest_created),
         "in_flight": reporter.in_flight if reporter is not None else 0,
         "last_error": reporter.last_error if reporter is not None else None,
+        "last_error_kind": reporter.last_error_kind if reporter is not None else None,
         "max_bytes": spool.max_bytes,
         "settling": server.tracker.open_windows,
     }

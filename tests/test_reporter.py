@@ -599,7 +599,8 @@ class PieceTests(unittest.TestCase):
 
     def test_failures_are_described_with_the_fix(self):
         def why(exc):
-            return describe_failure(Failure(exc), "support.test", 443)
+            failed = describe_failure(Failure(exc), "support.test", 443)
+            return failed.cause, failed.why
 
         def tls(reason):
             return ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", reason)]))])
