@@ -1,12 +1,13 @@
-"""Failure kinds are data: each real failure gives the reporter's last error its kind, and
-/status.json carries it as spool.last_error_kind."""
+"""Failure kinds are data: each real failure gives the reporter's last error its kind,
+/status.json carries it as spool.last_error_kind, and the probe's advice goes by it."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
-from twisted.internet import defer, protocol, reactor
+from OpenSSL import SSL
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
@@ -15,12 +16,24 @@ from twisted.internet.interfaces import (
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from tempesta_ts import probe_status
 from tempesta_ts.config import Config
+from tempesta_ts.delivery import FAILURE_KINDS
 from tempesta_ts.reporter import Reporter
+from tempesta_ts.service import TroubleshootingService
 from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
+from tests.test_logs import FailingClient
 from tests.test_metrics import ServerCase
 from tests.test_probe import closed_port
-from tests.test_reporter import CLIENT, KEY, Answer, FakeSupport, ReporterTestCase, report
+from tests.test_reporter import (
+    CLIENT,
+    EPOCH,
+    KEY,
+    Answer,
+    FakeSupport,
+    ReporterTestCase,
+    report,
+)
 from tests.waits import wait_until
 
 
@@ -241,3 +254,64 @@ class StatusJSONTests(ServerCase):
         svc = self.make()
         self.assertIsNone(self.spool(svc)["last_error_kind"])
 
+
+
+#: For each kind: a way to fail (an error the client raises, or the Support Server's answer),
+#: and what the probe's advice must say.
+HOW_EACH_KIND_FAILS = {
+    "tls": (SSL.Error([("SSL routines", "", "certificate verify failed")]), "support_ca_file"),
+    "credentials": (Answer(401), "check support_client_id and the API key"),
+    "refused": (error.ConnectionRefusedError(), "support_host:support_port"),
+    "timeout": (Answer(hang=True), "firewall"),
+    "dns": (error.DNSLookupError("support.test"), "does not resolve"),
+    "rejected": (Answer(422), "spool_dir/rejected/"),
+    "server_error": (Answer(503), "retries with backoff"),
+    "other": (Answer(404), "support_path"),
+}
+
+
+class ProbeAdviceTests(ServerCase):
+    """The probe reads the kind on /status.json and gives the advice for it."""
+
+    def failing(self, how) -> TroubleshootingService:
+        """A server on a Clock whose first report fails as `how` says; its status read back."""
+        if isinstance(how, Answer):
+            support = FakeSupport()
+            support.default = how  # every attempt, the retries too
+            svc = self.make(support)
+        else:
+            self.clock = task.Clock()
+            self.clock.advance(EPOCH)
+            config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(),
+                            settle_seconds=1.0, support_host="support.test",
+                            support_client_id=CLIENT, support_api_key=KEY)
+            svc = TroubleshootingService(config, self.clock, http_client=FailingClient(how))
+            svc.reporter.startService()
+            self.addCleanup(svc.reporter.stopService)
+        self.send(svc, "127.0.0.2", b"[   12.345678] WARNING test message\n")
+        self.advance(1.0)  # settled, spooled, the first attempt made
+        self.advance(30.0)  # a request that hangs has timed out
+        return svc
+
+    def status(self, svc) -> dict:
+        response, body = self.get(svc, "/status.json")
+        return json.loads(body)
+
+    def test_each_kind_gets_its_advice(self):
+        self.assertEqual(set(HOW_EACH_KIND_FAILS), set(FAILURE_KINDS))
+        for kind, (how, fix) in HOW_EACH_KIND_FAILS.items():
+            self.stub = None
+            svc = self.failing(how)
+            last_error, read = probe_status.delivery_failure(self.status(svc))
+            self.assertIsNotNone(last_error, kind)
+            self.assertEqual(read, kind)
+            self.assertIn(fix, probe_status.advice_for(read), kind)
+            # What retrying cannot fix stops the probe at once.
+            self.assertEqual(probe_status.is_lasting(read), kind in ("tls", "credentials"), kind)
+
+    def test_a_status_without_a_kind_gets_the_general_advice(self):
+        # A server older than last_error_kind: the probe does not guess from the wording.
+        doc = {"spool": {"last_error": "connection refused by h:443"}}
+        self.assertEqual(probe_status.delivery_failure(doc),
+                         ("connection refused by h:443", "other"))
+        self.assertIn("see the server's log", probe_status.advice_for("other"))
