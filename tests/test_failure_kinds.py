@@ -21,7 +21,13 @@ from tempesta_ts.config import Config
 from tempesta_ts.delivery import FAILURE_KINDS
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.service import TroubleshootingService
-from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
+from tests.https_server import (
+    SupportResource,
+    TrackingSite,
+    listen,
+    make_certificates,
+    stop_loopback,
+)
 from tests.test_logs import FailingClient
 from tests.test_metrics import ServerCase
 from tests.test_probe import closed_port
@@ -115,12 +121,7 @@ class RealFailureTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def stop_all(self):
-        for rep in self.reporters:
-            if rep.running:
-                yield rep.stopService()
-        for site, listening in self.servers:
-            yield listening.stopListening()
-            yield wait_until(lambda site=site: not site.open_channels)
+        yield stop_loopback(self.reporters, self.servers)
 
     def serve(self, statuses=(), interface: str = "127.0.0.1") -> int:
         site = TrackingSite(SupportResource(statuses))

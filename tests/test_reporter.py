@@ -32,7 +32,13 @@ from tempesta_ts.spool import (
     file_name,
     parse_file_name,
 )
-from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
+from tests.https_server import (
+    SupportResource,
+    TrackingSite,
+    listen,
+    make_certificates,
+    stop_loopback,
+)
 from tests.waits import wait_until
 
 KEY = "s3cret-api-key-never-logged"
@@ -658,13 +664,7 @@ class LoopbackTLSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def stop_all(self):
-        # Clients first: their pools close the persistent connections, then the servers see it.
-        for rep in self.reporters:
-            if rep.running:
-                yield rep.stopService()
-        for site, listening in self.servers:
-            yield listening.stopListening()
-            yield wait_until(lambda site=site: not site.open_channels)
+        yield stop_loopback(self.reporters, self.servers)
         globalLogPublisher.removeObserver(self.events.append)
         for event in self.events:
             self.assertNotIn(KEY, formatEvent(event))
