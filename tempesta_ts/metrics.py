@@ -282,8 +282,8 @@ class ServerCollector(Collector):
 
     def _reports(self) -> Iterator[Metric]:
         server = self.server
-        reporter = server.reporter
-        spool = reporter.spool
+        spool, reporter = server.spool, server.reporter
+        in_flight = reporter.in_flight if reporter is not None else 0  # none stand-alone
         yield GaugeMetricFamily(
             PREFIX + "reports_settling",
             "Reports waiting for settle_seconds of quiet from their instance.",
@@ -294,7 +294,7 @@ class ServerCollector(Collector):
             value=spool.count,
         )
         yield GaugeMetricFamily(
-            PREFIX + "reports_in_flight", "Deliveries under way.", value=reporter.in_flight
+            PREFIX + "reports_in_flight", "Deliveries under way.", value=in_flight
         )
         yield GaugeMetricFamily(
             PREFIX + "spool_bytes", "Bytes of the reports waiting in the spool.", value=spool.bytes

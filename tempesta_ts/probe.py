@@ -8,379 +8,50 @@ docs/probe.md says what each message means and what to do.
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import secrets
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tempesta_ts import __version__
+from tempesta_ts.probe_messages import (
+    Datagrams,
+    DocumentSender,
+    document,
+    extended_datagram,
+    make_nonce,
+    plain_datagram,
+    sequence_number,
+    test_warning,
+)
+from tempesta_ts.probe_options import PROG, Options
+from tempesta_ts.probe_status import (
+    ProbeFailed,
+    advice_for,
+    appended,
+    counter,
+    delivery_failure,
+    find_instance,
+    is_lasting,
+    request_failure,
+    same_address,
+)
 
-PROG = "tempesta-ts-probe"
-#: The server's default metrics_host:metrics_port.
-DEFAULT_STATUS_URL = "http://127.0.0.1:9478/status.json"
-DEFAULT_PORT = 5555
-DEFAULT_TIMEOUT = 30.0
-#: The server's default settle_seconds: a report waits that long before it is sent.
-DEFAULT_SETTLE = 5.0
 #: Between two reads of /status.json (each costs the server about 0.2 s at 10,000 instances).
 POLL_SECONDS = 0.25
 #: One read of /status.json waits at most this long (and never past the step's deadline).
 REQUEST_SECONDS = 10.0
-#: Nonce letters: none is a hexadecimal digit, so the incident signature never masks the nonce
-#: (it masks numbers and runs of 8 hex digits) and every run's warning is a new incident.
-NONCE_LETTERS = "ghjkmnpqrstvwxyz"
-NONCE_LENGTH = 10
-
-
-# --- options ---------------------------------------------------------------------------------
-
-
-def ip_address(value: str) -> str:
-    """An IPv4 or IPv6 address, as netconsole needs one."""
-    try:
-        return str(ipaddress.ip_address(value.strip("[]")))
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not an IP address; give the address the instances' netconsole "
-            "sends to (netconsole takes no host names)"
-        ) from None
-
-
-ip_address.coerceDoc = "An IPv4 or IPv6 address."
-
-
-def _bounded(convert, lo: float, hi: float, noun: str, bounds: str, doc: str, low_open=False):
-    """A coerce function: a number `convert` parses, from lo to hi (lo excluded if low_open)."""
-
-    def coerce(value: str):
-        try:
-            number = convert(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not {noun}") from None
-        if not (lo < number if low_open else lo <= number) or number > hi:
-            raise ValueError(f"{value} {bounds}")
-        return number
-
-    coerce.coerceDoc = doc
-    return coerce
-
-
-port_number = _bounded(int, 1, 65535, "a port number", "is not a port number (1 to 65535)",
-                       "1 to 65535.")
-seconds = _bounded(float, 0, 86400, "a number of seconds", "is not between 0 and 86400 seconds",
-                   "Seconds, more than 0.", low_open=True)
-#: Like the server's settle_seconds.
-settle_seconds = _bounded(float, 0, 3600, "a number of seconds",
-                          "is not between 0 and 3600 seconds", "Seconds, 0 to 3600.")
-
-
-def http_url(value: str) -> str:
-    """An http:// or https:// URL with a host."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"{value!r} is not an http:// URL; give the server's metrics_host:metrics_port, "
-            f"e.g. {DEFAULT_STATUS_URL}"
-        )
-    return value
-
-
-http_url.coerceDoc = "An http:// URL."
-
-
-def _flag(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A coerce function whose error names the flag (usage.Options would say less)."""
-
-    def flag(value: str):
-        try:
-            return coerce(value)
-        except ValueError as e:
-            raise usage.UsageError(f"--{name}: {e}") from None
-
-    flag.coerceDoc = coerce.coerceDoc
-    return flag
-
-
-class Options(usage.Options):
-    """The probe's command line."""
-
-    optParameters = [
-        ["host", None, None, "IP address of the server, as the instances send to it",
-         _flag("host", ip_address)],
-        ["port", None, DEFAULT_PORT, "Port of the server, UDP and TCP (its --port).",
-         _flag("port", port_number)],
-        ["status-url", None, DEFAULT_STATUS_URL,
-         "The server's /status.json (its metrics_host:metrics_port).",
-         _flag("status-url", http_url)],
-        ["timeout", None, DEFAULT_TIMEOUT, "Seconds to wait for each step to be confirmed.",
-         _flag("timeout", seconds)],
-        ["settle", None, DEFAULT_SETTLE,
-         "The server's settle_seconds, added to the wait for a report.",
-         _flag("settle", settle_seconds)],
-    ]
-    optFlags = [
-        ["incident", None, "Also send a test WARNING and follow its report to the end."],
-        ["plain-only", None, "Send only the plain netconsole datagram."],
-        ["extended-only", None, "Send only the extended netconsole datagram."],
-    ]
-
-    def __init__(self, prog: str = PROG) -> None:
-        super().__init__()
-        self.prog = prog
-        self.synopsis = f"Usage: {prog} --host ADDRESS [options]"
-        self.longdesc = (
-            "Sends test netconsole datagrams and a system information document to a tempesta-ts "
-            "server from this machine and confirms through its /status.json that they arrived; "
-            "with --incident also follows a test WARNING's report. Exit status: 0 all worked, "
-            "1 something failed (the reason is printed), 2 usage error. See docs/probe.md."
-        )
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"{self.prog} (tempesta-ts) {__version__}")
-        sys.exit(0)
-
-    def postOptions(self) -> None:
-        if self["host"] is None:
-            raise usage.UsageError(
-                "--host is required: the IP address of the server, as the instances' "
-                "netconsole sends to it"
-            )
-        if self["plain-only"] and self["extended-only"]:
-            raise usage.UsageError("--plain-only and --extended-only exclude each other")
-
-
-# --- what is sent ----------------------------------------------------------------------------
-
-
-def make_nonce() -> str:
-    """Letters that mark this run's messages and make its warning a new incident."""
-    return "".join(secrets.choice(NONCE_LETTERS) for _ in range(NONCE_LENGTH))
-
-
-def sequence_number(now: float) -> int:
-    """The extended sequence number of a probe run's first message: 0.
-
-    Each run numbers its messages as a booting kernel does, from 0, so the server sees the
-    probe's own instance "reboot" and counts neither a loss (a number moving forward with
-    time would count the time between two runs) nor a duplicate (an old number again).
-    """
-    return 0
-
-
-def plain_datagram(text: str) -> bytes:
-    """A plain netconsole line, with the console's time stamp."""
-    return f"[    0.000000] {text}\n".encode("utf-8")
-
-
-def extended_datagram(level: int, seq: int, text: str) -> bytes:
-    """An extended netconsole message."""
-    return f"{level},{seq},0,-;{text}\n".encode("utf-8")
-
-
-def document(nonce: str, now: float) -> bytes:
-    """The system information document, tagged as the vendor's script sends it."""
-    body = {"probe": nonce, "tool": PROG, "version": __version__, "sent_at": round(now, 3)}
-    return b"<sys-info>" + json.dumps(body).encode("ascii") + b"</sys-info>"
-
-
-def test_warning(nonce: str) -> str:
-    """The incident line: the vendor's test message, which the rules detect as a warning."""
-    return f"WARNING test message from {PROG} {nonce}"
-
-
-# --- reading /status.json --------------------------------------------------------------------
-
-
-class ProbeFailed(Exception):
-    """A step failed: why, in one line, and what to do about it."""
-
-    def __init__(self, reason: str, advice: str | None = None, step: str = "server status") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.advice = advice
-        self.step = step
-
-
-def same_address(a: str, b: str) -> bool:
-    """Whether two addresses are one instance (``::ffff:a.b.c.d`` is ``a.b.c.d``)."""
-    def norm(text: str):
-        try:
-            ip = ipaddress.ip_address(text.split("%", 1)[0])
-        except ValueError:
-            return text
-        mapped = getattr(ip, "ipv4_mapped", None)
-        return mapped if mapped is not None else ip
-
-    return norm(a) == norm(b)
-
-
-def find_instance(doc: dict[str, Any] | None, address: str | None) -> dict[str, Any] | None:
-    """The instance of ``address`` in a status document, or None."""
-    if doc is None or address is None:
-        return None
-    for instance in doc["instances"]:
-        if same_address(instance.get("address", ""), address):
-            return instance
-    return None
-
-
-def appended(instance: dict[str, Any] | None) -> int:
-    """Lines ever appended to an instance's buffer (those held plus those pushed out)."""
-    if instance is None:
-        return 0
-    return instance.get("lines", 0) + instance.get("lines_pushed_out", 0)
-
-
-def counter(doc: dict[str, Any], key: str) -> int:
-    """A counter of a status document, 0 when absent."""
-    return doc.get("counters", {}).get(key, 0)
-
-
-def _request_failure(url: str, failure) -> ProbeFailed:
-    value = failure.value
-    reasons = getattr(value, "reasons", None) or []
-    for inner in reasons:
-        value = getattr(inner, "value", value)
-    where = f"cannot read the server's status at {url}"
-    check = (
-        "run the probe on the server's machine, or give --status-url with the server's "
-        "metrics_host:metrics_port (metrics_port 0 turns the endpoint off)"
-    )
-    if isinstance(value, error.ConnectionRefusedError):
-        return ProbeFailed(
-            f"{where}: connection refused (the server is not running, or its metrics endpoint "
-            "is off or elsewhere)",
-            f"start the server, or {check}",
-        )
-    if isinstance(value, error.DNSLookupError):
-        return ProbeFailed(f"{where}: the host does not resolve", check)
-    if isinstance(value, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
-        return ProbeFailed(
-            f"{where}: no answer in time",
-            f"check that the address is reachable from here (a firewall?), or {check}",
-        )
-    if isinstance(value, error.ConnectError):
-        return ProbeFailed(f"{where}: {value}", check)
-    return ProbeFailed(f"{where}: {type(value).__name__}: {value}", check)
-
-
-# --- what a delivery error means -------------------------------------------------------------
-
-#: last_error openings that will not go away by retrying: the probe stops at once.
-LASTING = ("TLS verification failed", "TLS handshake", "HTTP 401", "HTTP 403")
-
-
-def is_lasting(last_error: str) -> bool:
-    """Whether a delivery error needs the operator (a retry cannot fix it)."""
-    return last_error.startswith(LASTING)
-
-
-def advice_for(last_error: str) -> str:
-    """What to do about the server's spool.last_error, in plain words."""
-    e = last_error
-    restart = "then restart the server; the report stays in the spool and is sent then"
-    if e.startswith("TLS verification failed"):
-        if "does not name" in e:
-            return (
-                "the Support Server's certificate is for another name: set support_host to the "
-                f"name the certificate is for (or support_ca_file / skip_ssl_verification), {restart}"
-            )
-        return (
-            "the server does not trust the Support Server's certificate: set support_ca_file to "
-            "the PEM of the CA that signed it (skip_ssl_verification only for a test setup), "
-            f"{restart}"
-        )
-    if e.startswith("TLS handshake"):
-        return (
-            "the TLS handshake failed: check that support_host:support_port is the Support "
-            "Server's HTTPS port (not plain HTTP) and that it accepts TLS 1.2 or later"
-        )
-    if e.startswith(("HTTP 401", "HTTP 403")):
-        return (
-            "the Support Server refused the credentials: check support_client_id and the API key "
-            "(support_api_key_file or the environment) with the vendor, then restart the "
-            "server; meanwhile it retries every 5 minutes"
-        )
-    if "rejected" in e:
-        return (
-            "the Support Server refused the report for good; it is kept in "
-            "spool_dir/rejected/; send the server's log line with the answer to the vendor"
-        )
-    if e.startswith("connection refused"):
-        return (
-            "nothing accepts connections at support_host:support_port: check both settings and "
-            "that the Support Server is up and reachable from the server's machine"
-        )
-    if e.startswith("cannot resolve"):
-        return "support_host does not resolve on the server's machine: check the name and its DNS"
-    if e.startswith(("timeout", "no answer", "cannot connect")):
-        return (
-            "the Support Server is not reachable from the server's machine: check the network "
-            "path (firewall, routing, outbound HTTPS allowed to support_host:support_port)"
-        )
-    if e.startswith("connection to"):
-        return (
-            "the connection was closed before an answer: a proxy or load balancer in between, "
-            "or the Support Server failed; the server retries; contact the vendor if it persists"
-        )
-    if e.startswith(("HTTP 5", "HTTP 429", "HTTP 408")):
-        return (
-            "the Support Server is failing or busy; the server retries with backoff; contact the "
-            "vendor if it persists"
-        )
-    if e.startswith("HTTP 3") or e.startswith("HTTP 404"):
-        return "the URL is not the reports endpoint: check support_host, support_port and support_path"
-    if e.startswith("cannot read"):
-        return "the server cannot read its own spool: check spool_dir's owner and permissions"
-    return "see the server's log for the details of the failure"
 
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-# --- sending ---------------------------------------------------------------------------------
-
-
-class _Datagrams(protocol.DatagramProtocol):
-    """A connected UDP socket: its local address is this machine's source toward the server."""
-
-    noisy = False
-
-    def __init__(self) -> None:
-        #: Set when the server's host answered "port unreachable" (ICMP).
-        self.refused = False
-
-    def connectionRefused(self) -> None:
-        self.refused = True
-
-
-class _Document(protocol.Protocol):
-    """Writes one document, closes, and fires ``done`` once the connection is gone."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.local: str | None = None
-        self.done = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.local = self.transport.getHost().host
-        self.transport.write(self.data)
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(None)
 
 
 @dataclass
@@ -391,9 +62,6 @@ class _Check:
     ok: bool = False
     reason: str | None = None
     advice: str | None = None
-
-
-# --- the probe -------------------------------------------------------------------------------
 
 
 class Probe:
@@ -424,7 +92,7 @@ class Probe:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._udp = None
-        self._datagrams = _Datagrams()
+        self._datagrams = Datagrams()
         self._seq = sequence_number(reactor.seconds())
 
     @property
@@ -478,7 +146,7 @@ class Probe:
             remaining = max(0.1, deadline - self.reactor.seconds())
             body = yield response.content().addTimeout(remaining, self.reactor)
         except Exception:
-            raise _request_failure(self.url, Failure()) from None
+            raise request_failure(self.url, Failure()) from None
         if response.code != 200:
             raise ProbeFailed(
                 f"{self.url} answered HTTP {response.code}, not the status document",
@@ -602,7 +270,7 @@ class Probe:
         remaining = max(0.1, deadline - self.reactor.seconds())
         kind = TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint
         endpoint = kind(self.reactor, self.host, self.port, timeout=max(1, int(remaining)))
-        sender = _Document(data)
+        sender = DocumentSender(data)
         try:
             yield connectProtocol(endpoint, sender).addTimeout(remaining, self.reactor)
             yield sender.done.addTimeout(max(0.1, deadline - self.reactor.seconds()), self.reactor)
@@ -760,12 +428,12 @@ class Probe:
         while True:
             if doc is not before:
                 state, report_id = self._incident_state(doc, source, line)
-                last_error = doc["spool"].get("last_error")
+                last_error, kind = delivery_failure(doc)
                 shown = (state, report_id, last_error if state == "pending" else None)
                 if state is not None and shown != seen:
                     seen = shown
                     self._progress(state, report_id, last_error)
-                done = self._incident_outcome(check, state, report_id, last_error)
+                done = self._incident_outcome(check, state, report_id, last_error, kind)
                 if done:
                     return
             if self.reactor.seconds() >= deadline:
@@ -773,7 +441,7 @@ class Probe:
             yield self._sleep()
             doc = yield self.status(deadline)
         state, report_id = self._incident_state(doc, source, line)
-        last_error = doc["spool"].get("last_error")
+        last_error, kind = delivery_failure(doc)
         waited = f"{self.timeout + self.settle:g} s"
         if state is None:
             arrived = appended(find_instance(doc, source)) > base_lines
@@ -795,7 +463,7 @@ class Probe:
         else:
             reason = f"report {report_id} not delivered within {waited}"
             check.reason = f"{reason}: {last_error}" if last_error else f"{reason} (still {state})"
-            check.advice = advice_for(last_error) if last_error else (
+            check.advice = advice_for(kind) if last_error else (
                 "the Support Server is slow to answer; look at the server's log and /status"
             )
 
@@ -825,18 +493,18 @@ class Probe:
         else:
             self.out(f"report {report_id or '-'} {state}")
 
-    def _incident_outcome(self, check: _Check, state, report_id, last_error) -> bool:
+    def _incident_outcome(self, check: _Check, state, report_id, last_error, kind) -> bool:
         """Settle the check when the state is final; True when it is."""
         if state in ("delivered", "written"):
             check.ok = True
             return True
-        if state == "pending" and last_error and is_lasting(last_error):
+        if state == "pending" and last_error and is_lasting(kind):
             check.reason = f"report {report_id} not delivered: {last_error}"
-            check.advice = advice_for(last_error)
+            check.advice = advice_for(kind)
             return True
         if state == "rejected":
             check.reason = f"report {report_id} rejected: {last_error or 'by the Support Server'}"
-            check.advice = advice_for(last_error or "rejected")
+            check.advice = advice_for("rejected")
             return True
         if state == "folded":
             check.reason = (
@@ -855,7 +523,6 @@ class Probe:
         return False
 
 
-# --- entry points ----------------------------------------------------------------------------
 
 
 def _print(line: str) -> None:

@@ -1,60 +1,48 @@
-"""Delivery of reports to the Support Server: a durable spool on disk, HTTPS with retries.
+"""The delivery scheduler: the sink that sends spooled reports to the Support Server.
 
-A report is on disk (fsynced) before its first attempt and leaves the spool only on a 2xx, so a
-restart or an outage of the Support Server loses nothing. docs/support-api.md has the contract.
+A report is on disk (tempesta_ts/spool.py) before its first attempt and leaves the spool only on
+a 2xx, so a restart or an outage of the Support Server loses nothing. Attempts (one request each,
+tempesta_ts/delivery.py) are bounded in time and in number at once, retried with backoff, and
+their outcomes kept for the status page. docs/support-api.md has the contract.
 """
 
 from __future__ import annotations
 
-import calendar
 import collections
-import email.utils
-import fcntl
-import gzip
-import ipaddress
-import json
-import os
 import random
-import re
-import stat
-import tempfile
-import time
 from dataclasses import dataclass, replace
-from datetime import timezone
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Mapping
 
-from OpenSSL import SSL
-from service_identity import CertificateError, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
-from service_identity.pyopenssl import extract_patterns
 from treq.client import HTTPClient
 from twisted.application import service
-from twisted.internet import defer, error, ssl
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
-from tempesta_ts import __version__
-from tempesta_ts.config import Config, ConfigError
-from tempesta_ts.errors import StartupError
-from tempesta_ts.files import NotRegularFile, check_private_directory, open_regular, read_regular
+from tempesta_ts.config import Config
+from tempesta_ts.delivery import (
+    CONNECT_TIMEOUT,
+    QUOTE_BYTES,
+    REFUSED_CREDENTIALS,
+    REJECTED,
+    Failed,
+    SupportClient,
+    describe_answer,
+    describe_failure,
+    describe_timeout,
+    parse_retry_after,
+)
+from tempesta_ts.files import NotRegularFile
 from tempesta_ts.log import escape, get_logger, mask_secret
+from tempesta_ts.sinks import IReportSink, Outcomes, write_failed
+from tempesta_ts.spool import ReportTooLarge, Spool, SpooledReport
 from tempesta_ts.throttle import Throttle
 
-#: JSON bodies larger than this are sent gzip-compressed (support-api.md).
-GZIP_THRESHOLD = 65536
 #: Requests under way at once. In a crash storm (a fleet panicking together) reports must
 #: not queue behind a slow Support Server: 32 at 200 ms a request deliver 160 reports a second
 #: (bench/crash_storm.py).
 MAX_IN_FLIGHT = 32
-CONNECT_TIMEOUT = 10.0
 #: Bound on one whole attempt: connecting, sending the body, reading the answer.
 RESPONSE_TIMEOUT = 30.0
 BACKOFF_BASE = 1.0
@@ -64,669 +52,9 @@ RETRY_AFTER_CAP = 3600.0
 SHUTDOWN_GRACE = 5.0
 #: Characters of a rejecting answer's body quoted in the log.
 BODY_QUOTE = 200
-#: Bytes of it read: the API key is masked in all of them before the quote is cut, so that a
-#: key echoed across the cut is masked whole.
-QUOTE_BYTES = 4096
-#: Idle persistent connections are closed before a typical server (60 s and more) would.
-IDLE_CONNECTION_SECONDS = 30.0
 #: One notice per kind of failure at most this often.
 NOTICE_INTERVAL = 60.0
 
-REJECTED = frozenset({400, 413, 422})
-REFUSED_CREDENTIALS = frozenset({401, 403})
-
-USER_AGENT = f"tempesta-ts/{__version__}"
-
-# report_id becomes part of a file name and a header value: keep it to safe characters.
-_REPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
-_NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z-([A-Za-z0-9_-]{1,128})\.json\Z")
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
-#: How many ended reports the reporter remembers for the status page.
-MAX_OUTCOMES = 4096
-
-
-class SpoolError(StartupError):
-    """The spool directory cannot be used; the message says which and why, in one line."""
-
-
-class SpoolInUse(Exception):
-    """Another process holds the spool directory's lock; the argument is its pid."""
-
-
-class ReportTooLarge(ValueError):
-    """One report alone is larger than spool_max_bytes: it is refused."""
-
-
-# --- the spool -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpooledReport:
-    """One report waiting in pending/: its file, size in bytes and when it was spooled."""
-
-    report_id: str
-    path: str
-    size: int
-    created: float
-
-
-def encode_report(report: Mapping) -> bytes:
-    """The request body: the report as JSON, UTF-8; raises ValueError on a bad report_id."""
-    report_id = report.get("report_id")
-    if not isinstance(report_id, str) or not _REPORT_ID.match(report_id):
-        raise ValueError(f"report_id {report_id!r} is not 1 to 128 of [A-Za-z0-9_-]")
-    return json.dumps(report, ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def file_name(created: float, report_id: str) -> str:
-    """``20261123T100005.123456Z-<report_id>.json``: sorts by time, readable, no colons."""
-    seconds, micros = divmod(int(round(created * 1_000_000)), 1_000_000)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
-    return f"{stamp}.{micros:06d}Z-{report_id}.json"
-
-
-def parse_file_name(name: str) -> tuple[float, str] | None:
-    """(created, report_id) from a spool file name, or None when it is not one."""
-    match = _NAME.match(name)
-    if match is None:
-        return None
-    stamp, micros, report_id = match.groups()
-    try:
-        seconds = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S"))
-    except ValueError:
-        return None
-    return seconds + int(micros) / 1_000_000, report_id
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(directory: str, tmp_dir: str, name: str, data: bytes) -> str:
-    """Write data as directory/name atomically and durably: temp file, fsync, rename, fsync dir."""
-    path = os.path.join(directory, name)
-    # Reports quote kernel logs: readable by the server's user only (mkstemp: 0600). A name
-    # nobody can guess, created exclusively: a link planted in tmp/ is never written through.
-    fd, tmp_path = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=tmp_dir)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp_path)
-        raise
-    os.close(fd)
-    os.rename(tmp_path, path)
-    _fsync_directory(directory)
-    return path
-
-
-class Spool:
-    """Reports on disk under spool_dir, durable across restarts, bounded by spool_max_bytes.
-
-    ``pending/`` waits for delivery, ``rejected/`` holds what the server refused for good,
-    ``local/`` what stand-alone mode writes, ``tmp/`` half-written files (cleared at load).
-    """
-
-    log = get_logger(__name__)
-
-    def __init__(self, directory: str, max_bytes: int, stats: collections.Counter, clock,
-                 exclusive: bool = False) -> None:
-        self.directory = directory
-        #: Lock the directory against other processes (the processes of reuse_port must not
-        #: deliver each other's reports).
-        self.exclusive = exclusive
-        self._lock = None
-        self.max_bytes = max_bytes
-        self.stats = stats
-        self.clock = clock
-        self.pending_dir = os.path.join(directory, "pending")
-        self.rejected_dir = os.path.join(directory, "rejected")
-        self.local_dir = os.path.join(directory, "local")
-        self.tmp_dir = os.path.join(directory, "tmp")
-        self._entries: list[SpooledReport] = []
-        self._by_id: dict[str, SpooledReport] = {}
-        self._bytes = 0
-        self._loaded = False
-        self._drops = Throttle(NOTICE_INTERVAL)
-
-    # Disk is touched only from load() on, so that directories are created after twistd has
-    # dropped privileges, owned by the user that will write them.
-    def load(self) -> None:
-        """Create the directories and read pending/ (oldest first); idempotent. Raises OSError."""
-        if self._loaded:
-            return
-        for path in (self.directory, self.pending_dir, self.rejected_dir, self.tmp_dir):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            check_private_directory(path, "spool_dir")
-        if self.exclusive:
-            self._take_lock()
-        for name in os.listdir(self.tmp_dir):
-            # Writes interrupted by a crash: never renamed into place, so never acknowledged.
-            try:
-                os.unlink(os.path.join(self.tmp_dir, name))
-            except OSError:
-                pass
-        found = []
-        for name in os.listdir(self.pending_dir):
-            parsed = parse_file_name(name)
-            path = os.path.join(self.pending_dir, name)
-            if parsed is None:
-                self.log.warn("Ignoring {path} in the spool: not a report file name", path=path)
-                continue
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                self.stats["spool_errors"] += 1
-                self.log.error(
-                    "Ignoring {path} in the spool: a symbolic link or not a regular file; it is "
-                    "never sent", path=path)
-                continue
-            size = st.st_size
-            created, report_id = parsed
-            found.append(SpooledReport(report_id, path, size, created))
-        found.sort(key=lambda e: (e.created, e.path))
-        for entry in found:
-            if entry.report_id in self._by_id:
-                # The same report twice (never written so by us): the older copy is sent.
-                continue
-            self._add(entry)
-        self._loaded = True
-        # spool_max_bytes may have been lowered since the last run.
-        self._enforce(keep=None)
-
-    def write(self, report: dict) -> SpooledReport:
-        """Spool a report durably, then drop the oldest others past max_bytes.
-
-        Raises OSError, ValueError (a bad report_id), ReportTooLarge.
-        """
-        self.load()
-        body = encode_report(report)
-        report_id = report["report_id"]
-        if report_id in self._by_id:
-            return self._by_id[report_id]
-        if len(body) > self.max_bytes:
-            self.stats["reports_dropped"] += 1
-            self.log.error(
-                "Report {report_id} refused: {size} bytes alone exceed spool_max_bytes={limit}; "
-                "raise spool_max_bytes",
-                report_id=report_id,
-                size=len(body),
-                limit=self.max_bytes,
-            )
-            raise ReportTooLarge(
-                f"report {report_id} is {len(body)} bytes, "
-                f"more than spool_max_bytes={self.max_bytes}"
-            )
-        created = self.clock.seconds()
-        path = write_durably(self.pending_dir, self.tmp_dir, file_name(created, report_id), body)
-        entry = SpooledReport(report_id, path, len(body), created)
-        self._add(entry)
-        self.stats["reports_spooled"] += 1
-        self._enforce(keep=entry)
-        return entry
-
-    def write_local(self, report: dict) -> str:
-        """Stand-alone: write the report durably as local/<created>-<report_id>.json; its path."""
-        body = encode_report(report)
-        for path in (self.directory, self.local_dir, self.tmp_dir):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        name = file_name(self.clock.seconds(), report["report_id"])
-        return write_durably(self.local_dir, self.tmp_dir, name, body)
-
-    def _take_lock(self) -> None:
-        path = os.path.join(self.directory, "lock")
-        try:
-            # Neither truncated on open nor followed: a link there must not cost its target.
-            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
-        except NotRegularFile:
-            raise SpoolError(
-                f"spool_dir: {path!r} is a symbolic link or not a regular file; remove it "
-                "(the server makes its own lock file)"
-            ) from None
-        lock = os.fdopen(fd, "r+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            lock.close()
-            raise SpoolInUse(holder) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        self._lock = lock
-
-    def release(self) -> None:
-        """Let go of the directory's lock, if held."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-    def read(self, entry: SpooledReport) -> bytes:
-        """A pending report's body. Raises OSError; NotRegularFile when its file has been
-        replaced by a symbolic link or something else than a regular file."""
-        return read_regular(entry.path)
-
-    def pending(self) -> list[SpooledReport]:
-        """The reports waiting, oldest first."""
-        self.load()
-        return list(self._entries)
-
-    def get(self, report_id: str) -> SpooledReport | None:
-        """The pending entry of a report, if it is still pending."""
-        return self._by_id.get(report_id)
-
-    def delivered(self, entry: SpooledReport) -> None:
-        """Remove a delivered report (its file may already be gone)."""
-        try:
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            pass
-        self.forget(entry)
-
-    def reject(self, entry: SpooledReport) -> str:
-        """Move a report the server refused for good to rejected/; its new path."""
-        target = os.path.join(self.rejected_dir, os.path.basename(entry.path))
-        try:
-            os.rename(entry.path, target)
-        except FileNotFoundError:
-            pass
-        self.forget(entry)
-        return target
-
-    def forget(self, entry: SpooledReport) -> None:
-        """Stop tracking an entry without touching the disk (its file is gone)."""
-        if self._by_id.get(entry.report_id) is entry:
-            del self._by_id[entry.report_id]
-            self._entries.remove(entry)
-            self._bytes -= entry.size
-
-    @property
-    def bytes(self) -> int:
-        """Bytes of the reports pending."""
-        return self._bytes
-
-    @property
-    def count(self) -> int:
-        """Number of reports pending."""
-        return len(self._entries)
-
-    @property
-    def oldest_created(self) -> float | None:
-        """When the oldest pending report was spooled (epoch seconds), or None."""
-        return self._entries[0].created if self._entries else None
-
-    def _add(self, entry: SpooledReport) -> None:
-        self._entries.append(entry)
-        self._by_id[entry.report_id] = entry
-        self._bytes += entry.size
-
-    def _enforce(self, keep: SpooledReport | None) -> None:
-        dropped = []
-        for entry in list(self._entries):
-            if self._bytes <= self.max_bytes:
-                break
-            if entry is keep:
-                continue
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.log.error("Cannot remove {path}: {error}", path=entry.path, error=e.strerror)
-                continue
-            self.forget(entry)
-            dropped.append(entry.report_id)
-        if not dropped:
-            return
-        self.stats["reports_dropped"] += len(dropped)
-        held = self._drops.hit("dropped", self.clock.seconds())
-        if held is not None:
-            self.log.error(
-                "Spool over spool_max_bytes={limit}: dropped the oldest reports {report_ids} "
-                "({held} more dropped since the last notice); is the Support Server reachable?",
-                limit=self.max_bytes,
-                report_ids=dropped,
-                held=held,
-            )
-
-
-# --- TLS -------------------------------------------------------------------------------------
-
-
-def _bare_host(host: str) -> str:
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def is_ip_address(host: str) -> bool:
-    """Whether host is an IPv4 or IPv6 literal."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def load_ca_bundle(path: str) -> list[ssl.Certificate]:
-    """Every certificate of a PEM bundle; ConfigError when there is none or one is broken."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(
-            f"support_ca_file: cannot read {path!r} ({e.strerror}); "
-            "expected a PEM file of CA certificates"
-        ) from None
-    blocks = _PEM_CERTIFICATE.findall(data)
-    if not blocks:
-        raise ConfigError(
-            f"support_ca_file: no certificate in {path!r}; expected a PEM file of CA certificates"
-        )
-    certificates = []
-    for number, block in enumerate(blocks, 1):
-        try:
-            certificates.append(ssl.Certificate.loadPEM(block))
-        except Exception as e:
-            raise ConfigError(
-                f"support_ca_file: certificate {number} of {path!r} does not parse ({e}); "
-                "expected a PEM file of CA certificates"
-            ) from None
-    return certificates
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class UnverifiedTLS:
-    """TLS that accepts any certificate (skip_ssl_verification) yet still names the host by SNI."""
-
-    def __init__(self, host: str) -> None:
-        self._options = ssl.CertificateOptions(verify=False)
-        # CertificateOptions alone sends no SNI, and name-based servers then answer with their
-        # default certificate or refuse. An IP literal is never sent as SNI (RFC 6066).
-        self.server_name = None if is_ip_address(host) else host.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self.server_name is not None:
-            connection.set_tlsext_host_name(self.server_name)
-        return connection
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class VerifiedTLS:
-    """TLS that checks the chain against `trust` and that the certificate's subjectAltName names
-    the host (DNS name or IP address); anything else, a certificate without one too, fails.
-
-    Twisted's own check (optionsForClientTLS) lets a certificate without subjectAltName through:
-    it catches only VerificationError, logs service_identity's CertificateError and goes on.
-    """
-
-    def __init__(self, host: str, trust) -> None:
-        # None is platformTrust(): the system store. Twisted sends SNI for a DNS name only.
-        self._options = ssl.optionsForClientTLS(host, trustRoot=trust)
-        self._identity = IPAddress_ID(host) if is_ip_address(host) else DNS_ID(host)
-
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-                              self._verifier(tlsProtocol))
-        return connection
-
-    def _verifier(self, tlsProtocol):
-        # Let go of the protocol once the leaf is seen: no cycle through the connection.
-        protocol = [tlsProtocol]
-
-        def verify(connection, certificate, code, depth, ok) -> bool:
-            # The chain is OpenSSL's to judge; an OpenSSL callback must not raise, so whatever
-            # goes wrong with the leaf's names refuses the server.
-            if depth != 0 or not ok:
-                return bool(ok)
-            owner = protocol.pop() if protocol else None
-            try:
-                verify_service_identity(extract_patterns(certificate), [self._identity], [])
-                return True
-            except Exception:
-                reason = Failure()
-            try:
-                if owner is not None:
-                    # The reason the request fails with, for describe_failure.
-                    owner.failVerification(reason)
-            except Exception:
-                pass  # refused all the same, only with OpenSSL's reason
-            return False
-
-        return verify
-
-
-@implementer(IPolicyForHTTPS)
-class HTTPSPolicy:
-    """Verifies the Support Server against the system store or support_ca_file, or not at all.
-
-    The certificate must name the host as written in the config, DNS name or IP address.
-    """
-
-    def __init__(self, configured_host: str, ca_file: str | None, verify: bool) -> None:
-        self.host = _bare_host(configured_host)
-        self.verify = verify
-        if not verify:
-            self._creator = UnverifiedTLS(self.host)
-        else:
-            # None is platformTrust(): the system store.
-            trust = ssl.trustRootFromCertificates(load_ca_bundle(ca_file)) if ca_file else None
-            # An IP literal is checked against the IP SANs and sent no SNI; a DNS name against
-            # the DNS SANs, with SNI.
-            self._creator = VerifiedTLS(self.host, trust)
-
-    def creatorForNetloc(self, hostname: bytes, port: int):
-        # The agent only ever connects to the configured host (no redirects are followed):
-        # verify that name, as written, whatever the URL says.
-        return self._creator
-
-
-@implementer(IAgentEndpointFactory)
-class SupportEndpoints:
-    """Connects to the configured host and port with TLS, whatever host the URL names.
-
-    hyperlink (used by treq) cannot put an IPv6 literal in a URL, so the URL may name a
-    placeholder; the Host header then carries the real one.
-    """
-
-    def __init__(self, reactor, policy: HTTPSPolicy, host: str, port: int, timeout: float) -> None:
-        self.reactor = reactor
-        self.policy = policy
-        self.host = _bare_host(host)
-        self.port = port
-        self.timeout = timeout
-
-    def endpointForURI(self, uri):
-        creator = self.policy.creatorForNetloc(self.host.encode("idna"), self.port)
-        tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
-        return wrapClientTLS(creator, tcp)
-
-
-class QuietConnectionPool(HTTPConnectionPool):
-    """A connection pool whose connections do not log "Starting factory" each."""
-
-    _factory = type("QuietHTTP11ClientFactory", (HTTPConnectionPool._factory,), {"noisy": False})
-
-
-@implementer(IAgent)
-class ContractHeadersAgent:
-    """Drops the Accept-Encoding that treq always adds: the contract lists every header sent."""
-
-    def __init__(self, agent) -> None:
-        self._agent = agent
-
-    def request(self, method, uri, headers=None, bodyProducer=None):
-        if headers is not None and headers.hasHeader(b"accept-encoding"):
-            headers = headers.copy()
-            headers.removeHeader(b"accept-encoding")
-        return self._agent.request(method, uri, headers, bodyProducer)
-
-
-# --- the request -----------------------------------------------------------------------------
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written at once (no cooperator, no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer) -> defer.Deferred:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def compress_if_large(body: bytes) -> tuple[bytes, bool]:
-    """(payload, gzipped): gzip only above GZIP_THRESHOLD; same bytes on every retry (mtime 0)."""
-    if len(body) > GZIP_THRESHOLD:
-        return gzip.compress(body, compresslevel=6, mtime=0), True
-    return body, False
-
-
-def support_url(host: str, port: int, path: str) -> tuple[str, bytes | None]:
-    """The request URL, and the Host header to set when the URL cannot carry the host."""
-    host = _bare_host(host)
-    if ":" in host:
-        shown = f"[{host}]" if port == 443 else f"[{host}]:{port}"
-        return f"https://ipv6-literal.invalid:{port}{path}", shown.encode("ascii")
-    return f"https://{host}:{port}{path}", None
-
-
-def parse_retry_after(value: bytes | None, now: float) -> float | None:
-    """Retry-After in seconds from now: delta-seconds or an HTTP-date; None when absent or bad."""
-    if value is None:
-        return None
-    text = value.decode("latin-1").strip()
-    if text.isdigit():
-        return float(int(text))
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - now)
-
-
-class _BodyQuote(Protocol):
-    """Reads an answer's body to its end, keeping only its first bytes."""
-
-    def __init__(self, finished: defer.Deferred, limit: int) -> None:
-        self.finished = finished
-        self.limit = limit
-        self.kept = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        if len(self.kept) < self.limit:
-            self.kept += data[: self.limit - len(self.kept)]
-
-    def connectionLost(self, reason=None) -> None:
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(self.kept)
-        else:
-            self.finished.errback(reason)
-
-
-def read_quote(response, limit: int = QUOTE_BYTES) -> defer.Deferred:
-    """Fire with the first `limit` bytes of the body once it is all read; cancel aborts it."""
-    reader: _BodyQuote | None = None
-
-    def cancel(d: defer.Deferred) -> None:
-        if reader is not None and reader.transport is not None:
-            reader.transport.stopProducing()
-
-    finished = defer.Deferred(cancel)
-    reader = _BodyQuote(finished, limit)
-    response.deliverBody(reader)
-    return finished
-
-
-def _reasons(value: BaseException) -> list[BaseException]:
-    # ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed... wrap a list of Failures.
-    inner = getattr(value, "reasons", None)
-    if not inner:
-        return [value]
-    found = []
-    for reason in inner:
-        found.extend(_reasons(reason.value if isinstance(reason, Failure) else reason))
-    return found
-
-
-def _openssl_reasons(value: SSL.Error) -> str:
-    # pyOpenSSL's Error carries a list of (library, function, reason) tuples.
-    details = value.args[0] if value.args and isinstance(value.args[0], list) else []
-    reasons = [d[2] for d in details if isinstance(d, tuple) and len(d) == 3 and d[2]]
-    return "; ".join(reasons) or str(value) or "TLS error"
-
-
-def describe_failure(failure: Failure, host: str, port: int) -> tuple[str, str]:
-    """(kind, why) of a failed attempt: kind groups notices, why is one short line."""
-    reasons = _reasons(failure.value)
-    for value in reasons:
-        if isinstance(value, CertificateError):
-            # No subjectAltName (or a malformed one): the common name is not a host's name.
-            return "tls-verify", (
-                f"TLS verification failed for {host}: its certificate does not name {host} "
-                f"(no valid subjectAltName; the common name does not count); have it reissued "
-                f"with {host} in subjectAltName, or set skip_ssl_verification"
-            )
-        if isinstance(value, VerificationError):
-            return "tls-verify", (
-                f"TLS verification failed for {host}: its certificate does not name {host}; "
-                "use the name the certificate is for as support_host, or support_ca_file / "
-                "skip_ssl_verification"
-            )
-        if isinstance(value, SSL.Error):
-            text = _openssl_reasons(value)
-            if "certificate verify failed" in text:
-                return "tls-verify", (
-                    f"TLS verification failed for {host}: certificate verify failed (not signed "
-                    "by a trusted CA, or expired); set support_ca_file to the PEM of the CA that "
-                    "signed it, or skip_ssl_verification"
-                )
-            return "tls", f"TLS handshake with {host}:{port} failed: {text}"
-    for value in reasons:
-        if isinstance(value, error.ConnectionRefusedError):
-            return "refused", f"connection refused by {host}:{port}"
-        if isinstance(value, error.DNSLookupError):
-            return "dns", f"cannot resolve {host} (DNS)"
-        if isinstance(value, (error.TimeoutError, error.TCPTimedOutError)):
-            return "timeout", f"timeout connecting to {host}:{port}"
-        if isinstance(value, error.ConnectError):
-            return "connect", f"cannot connect to {host}:{port}: {value}"
-    value = reasons[0]
-    if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
-        return "lost", f"connection to {host}:{port} lost before an answer"
-    text = str(value) or type(value).__name__
-    return "other", f"{type(value).__name__}: {text[:200]}"
-
-
-# --- the reporter ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -751,8 +79,10 @@ class _Attempt:
         self.abandoned = False
 
 
+@implementer(IReportSink)
 class Reporter(service.Service):
-    """Spools reports and delivers them to the Support Server, or writes them locally."""
+    """The sink of a server with a Support Server: spools each report, then delivers it, as
+    many at once as max_in_flight allows, retrying with backoff until a 2xx or a rejection."""
 
     log = get_logger(__name__)
 
@@ -771,6 +101,7 @@ class Reporter(service.Service):
         response_timeout: float = RESPONSE_TIMEOUT,
         shutdown_grace: float = SHUTDOWN_GRACE,
         rng: random.Random | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
         self.clock = reactor
@@ -782,16 +113,15 @@ class Reporter(service.Service):
         self.response_timeout = response_timeout
         self.shutdown_grace = shutdown_grace
         self.rng = rng if rng is not None else random.Random()
-        self.spool = Spool(
-            config.spool_dir, config.spool_max_bytes, stats, reactor, exclusive=config.reuse_port
-        )
+        self.spool = spool if spool is not None else Spool.of(config, stats, reactor)
         #: Called with (report_id, seconds from spooled to delivered) on each delivery.
         self.on_delivered: Callable[[str, float], None] | None = None
         #: The last failure, one line; None once a report is delivered again.
         self.last_error: str | None = None
+        #: Its kind, one of delivery.FAILURE_KINDS (what the probe's advice goes by), or None.
+        self.last_error_kind: str | None = None
         self._states: dict[str, DeliveryState] = {}
-        #: How recent reports ended (delivered, rejected, written), newest last, bounded.
-        self._outcomes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._outcomes = Outcomes()
         self._in_flight: dict[str, _Attempt] = {}
         self._wakeup = None
         self._pumping = False
@@ -799,42 +129,9 @@ class Reporter(service.Service):
         self._stop_waiter: defer.Deferred | None = None
         self._failing = False
         self._notices = Throttle(NOTICE_INTERVAL)
-        self._pool = None
-        self._client = None
-        self.host = self.url = None
-        if config.standalone:
-            return
-        self.host = _bare_host(config.support_host)
-        self.url, host_header = support_url(
-            config.support_host, config.support_port, config.support_path
-        )
-        self._headers = {
-            b"Content-Type": [b"application/json"],
-            b"X-Client-Id": [config.support_client_id.encode("utf-8")],
-            b"Authorization": [b"Bearer " + config.support_api_key.encode("utf-8")],
-            b"User-Agent": [USER_AGENT.encode("ascii")],
-        }
-        if host_header is not None:
-            self._headers[b"Host"] = [host_header]
-        if http_client is None:
-            policy = HTTPSPolicy(
-                config.support_host, config.support_ca_file, not config.skip_ssl_verification
-            )
-            self._pool = QuietConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = max_in_flight
-            self._pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-            endpoints = SupportEndpoints(
-                reactor, policy, config.support_host, config.support_port, connect_timeout
-            )
-            agent = ContractHeadersAgent(
-                Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
-            )
-            # Cookies set by a load balancer are not part of the contract: never send any.
-            no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-            http_client = HTTPClient(
-                agent, cookiejar=no_cookies, data_to_body_producer=BytesProducer
-            )
-        self._client = http_client
+        self.client = SupportClient(config, reactor, http_client, max_connections=max_in_flight,
+                                    connect_timeout=connect_timeout)
+        self.host, self.url = self.client.host, self.client.url
 
     # -- status ---------------------------------------------------------------------------
 
@@ -844,16 +141,11 @@ class Reporter(service.Service):
         return dict(self._states)
 
     def state_of(self, report_id: str) -> str:
-        """One word for a report: pending, delivered, rejected, written, or unknown (dropped
-        from the spool, or ended too long ago to remember)."""
+        """One word for a report: pending, delivered, rejected, or unknown (dropped from the
+        spool, or ended too long ago to remember)."""
         if report_id in self._states or self.spool.get(report_id) is not None:
             return "pending"
-        return self._outcomes.get(report_id, "unknown")
-
-    def _ended(self, report_id: str, outcome: str) -> None:
-        self._outcomes[report_id] = outcome
-        while len(self._outcomes) > MAX_OUTCOMES:
-            self._outcomes.popitem(last=False)
+        return self._outcomes.get(report_id)
 
     @property
     def in_flight(self) -> int:
@@ -863,29 +155,9 @@ class Reporter(service.Service):
     # -- service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        try:
-            waiting = self.spool.pending()
-        except SpoolInUse as e:
-            raise SpoolError(
-                f"spool_dir: {self.config.spool_dir!r} is in use by another tempesta-ts process "
-                f"(pid {e.args[0]}); expected a spool_dir of its own for each process of reuse_port"
-            ) from None
-        except OSError as e:
-            raise SpoolError(
-                f"spool_dir: cannot use {self.config.spool_dir!r} ({e.strerror}); "
-                "expected a directory the server's user can write"
-            ) from None
+        waiting = self.spool.open()
         super().startService()
         self._stop_waiter = None
-        if self.config.standalone:
-            if waiting:
-                self.log.warn(
-                    "{count} reports wait in {path} from a run with a Support Server; "
-                    "set support_host to send them",
-                    count=len(waiting),
-                    path=self.spool.pending_dir,
-                )
-            return
         if waiting:
             self.log.info(
                 "{count} reports ({size} bytes) wait in the spool from a previous run; "
@@ -918,41 +190,19 @@ class Reporter(service.Service):
 
     def _close(self) -> defer.Deferred:
         self.spool.release()
-        if self._pool is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(self._pool.closeCachedConnections)
+        return self.client.close()
 
     # -- submit -----------------------------------------------------------------------------
 
     def submit(self, report: dict) -> defer.Deferred:
-        """Fire with the SpooledReport (stand-alone: the file's path) once the report is on disk."""
-        report_id = report.get("report_id")
+        """Fire with the SpooledReport once the report is on disk; its delivery begins."""
         try:
-            if self.config.standalone:
-                path = self.spool.write_local(report)
-            else:
-                entry = self.spool.write(report)
+            entry = self.spool.write(report)
         except ReportTooLarge:
-            return defer.fail()
+            return defer.fail()  # Spool.write counted and logged it
         except (OSError, ValueError) as e:
-            self.stats["spool_errors"] += 1
-            reason = getattr(e, "strerror", None) or str(e)
-            self.log.error(
-                "Cannot write report {report_id} to {path}: {reason}",
-                report_id=report_id,
-                path=self.config.spool_dir,
-                reason=reason,
-            )
+            write_failed(self.log, self.stats, report.get("report_id"), self.spool.directory, e)
             return defer.fail()
-        if self.config.standalone:
-            self.stats["reports_written_local"] += 1
-            self._ended(report_id, "written")
-            self.log.info(
-                "Report {report_id} written to {path} (stand-alone: no support_host)",
-                report_id=report_id,
-                path=path,
-            )
-            return defer.succeed(path)
         self._states.setdefault(entry.report_id, DeliveryState())
         self._pump()
         return defer.succeed(entry)
@@ -974,7 +224,7 @@ class Reporter(service.Service):
             self._pumping = False
 
     def _pump_once(self) -> None:
-        if not self.running or self.config.standalone:
+        if not self.running:
             return
         self._cancel_wakeup()
         now = self.clock.seconds()
@@ -1032,23 +282,12 @@ class Reporter(service.Service):
             self._states.pop(report_id, None)
             return
         except OSError as e:
-            self._retry(entry, "spool", f"cannot read {entry.path}: {e.strerror}", None, None)
+            failed = Failed("other", f"cannot read {entry.path}: {e.strerror}", "spool")
+            self._retry(entry, failed, None, None)
             return
-        payload, gzipped = compress_if_large(body)
-        headers = Headers(self._headers)
-        headers.setRawHeaders(b"Idempotency-Key", [report_id.encode("ascii")])
-        if gzipped:
-            headers.setRawHeaders(b"Content-Encoding", [b"gzip"])
         attempt = _Attempt(entry, self.clock.seconds())
         self._in_flight[report_id] = attempt
-        try:
-            d = self._client.post(
-                self.url, data=payload, headers=headers, allow_redirects=False, unbuffered=True
-            )
-        except Exception:
-            d = defer.fail()
-        d.addCallback(lambda response: read_quote(response).addCallback(
-            lambda quote: (response.code, response.headers, quote)))
+        d = self.client.post(report_id, body)
         attempt.deferred = d
         attempt.timer = self.clock.callLater(self.response_timeout, self._time_out, attempt)
         d.addBoth(self._finished, attempt)
@@ -1087,13 +326,10 @@ class Reporter(service.Service):
             )
             return
         if attempt.timed_out:
-            kind, why = "timeout", (
-                f"no answer from {self.host}:{self.config.support_port} within "
-                f"{self.response_timeout:g} s (timeout)"
-            )
+            failed = describe_timeout(self.host, self.client.port, self.response_timeout)
         else:
-            kind, why = describe_failure(failure, self.host, self.config.support_port)
-        self._retry(entry, kind, why, None, None)
+            failed = describe_failure(failure, self.host, self.client.port)
+        self._retry(entry, failed, None, None)
 
     def _answered(self, attempt: _Attempt, status: int, headers: Headers, quote: bytes) -> None:
         entry = attempt.entry
@@ -1106,15 +342,9 @@ class Reporter(service.Service):
             retry_after = parse_retry_after(
                 (headers.getRawHeaders(b"retry-after") or [None])[0], now
             )
-            if status in REFUSED_CREDENTIALS:
-                why = (
-                    f"HTTP {status}: the Support Server refused the credentials of client "
-                    f"{self.config.support_client_id}; check support_client_id and the API key"
-                )
-                self._retry(entry, "credentials", why, status, retry_after, slowest=True)
-            else:
-                self._retry(entry, f"http-{status}", f"HTTP {status} from the Support Server",
-                            status, retry_after)
+            failed = describe_answer(status, self.config.support_client_id)
+            self._retry(entry, failed, status, retry_after,
+                        slowest=status in REFUSED_CREDENTIALS)
 
     def _delivered(self, entry: SpooledReport, status: int, now: float) -> None:
         state = self._states.pop(entry.report_id, DeliveryState())
@@ -1126,12 +356,12 @@ class Reporter(service.Service):
                            reason=e.strerror)
             self.spool.forget(entry)
         self.stats["reports_delivered"] += 1
-        self._ended(entry.report_id, "delivered")
+        self._outcomes.ended(entry.report_id, "delivered")
         latency = now - entry.created
         if self._failing:
             self._failing = False
             self.log.info("The Support Server accepts reports again")
-        self.last_error = None
+        self.last_error = self.last_error_kind = None
         self.log.info(
             "Report {report_id} delivered (HTTP {status}, attempt {attempts}, "
             "{latency:.1f} s after it was spooled)",
@@ -1150,8 +380,9 @@ class Reporter(service.Service):
         self._states.pop(entry.report_id, None)
         path = self.spool.reject(entry)
         self.stats["reports_rejected"] += 1
-        self._ended(entry.report_id, "rejected")
+        self._outcomes.ended(entry.report_id, "rejected")
         self.last_error = f"HTTP {status}: report {entry.report_id} rejected"
+        self.last_error_kind = "rejected"
         self.log.error(
             "The Support Server rejected report {report_id} with HTTP {status}: {answer}; "
             "it is kept in {path} and will not be sent again",
@@ -1164,13 +395,12 @@ class Reporter(service.Service):
     def _retry(
         self,
         entry: SpooledReport,
-        kind: str,
-        why: str,
+        failed: Failed,
         status: int | None,
         retry_after: float | None,
         slowest: bool = False,
     ) -> None:
-        why = escape(self._scrub(why))
+        why = escape(self._scrub(failed.why))
         now = self.clock.seconds()
         state = self._states.get(entry.report_id, DeliveryState(attempts=1))
         delay = self.backoff_cap if slowest else self._backoff(state.attempts)
@@ -1179,13 +409,14 @@ class Reporter(service.Service):
         self._states[entry.report_id] = replace(
             state, next_attempt=now + delay, last_status=status, last_error=why
         )
-        self.last_error = why
+        self.last_error, self.last_error_kind = why, failed.kind
         self._failing = True
         self.stats["reports_retried"] += 1
-        held = self._notices.hit(kind, now)
+        held = self._notices.hit(failed.cause, now)
         if held is None:
             return
-        level = self.log.error if kind in ("tls-verify", "credentials") else self.log.warn
+        # What the operator must fix is an error; what may pass is a warning.
+        level = self.log.error if failed.cause in ("tls-verify", "credentials") else self.log.warn
         level(
             "Report {report_id} not delivered: {why}; it stays in the spool, next attempt in "
             "{delay:.1f} s ({held} similar failures since the last notice)",

@@ -1,4 +1,4 @@
-"""Assembly: buffer registry, UDP and TCP listeners, incident tracker and reporter in one
+"""Assembly: buffer registry, UDP and TCP listeners, incident tracker and report sink in one
 MultiService, started and stopped in the order that loses nothing."""
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from tempesta_ts.metrics import KNOWN_STATS
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, build_report
 from tempesta_ts.reporter import Reporter
+from tempesta_ts.sinks import IReportSink, LocalReports
+from tempesta_ts.spool import Spool
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
@@ -157,19 +159,27 @@ class TroubleshootingService(service.MultiService):
             document_seconds=config.tcp_document_seconds,
             max_connections_per_source=config.tcp_max_connections_per_source,
         )
-        self.reporter = Reporter(config, reactor, self.stats, http_client=http_client)
+        self.spool = Spool.of(config, self.stats, reactor)
+        # Where finished reports go: written locally (stand-alone), or delivered.
+        self.reporter: Reporter | None = None
+        if config.standalone:
+            self.sink: IReportSink = LocalReports(self.spool, self.stats)
+        else:
+            self.reporter = self.sink = Reporter(
+                config, reactor, self.stats, http_client=http_client, spool=self.spool
+            )
         self.tracker = IncidentTracker(
             Rules(config.incident_patterns, config.ignore_patterns),
             reactor,
             config.settle_seconds,
             config.cooldown_seconds,
             self._make_report,
-            self.reporter.submit,
+            self.sink.submit,
             self.stats,
         )
         self.hostname = socket.gethostname()
         # Started in this order, stopped in reverse (see stopService).
-        self.reporter.setServiceParent(self)
+        self.sink.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
         self.listeners = ListenerService(
@@ -181,7 +191,8 @@ class TroubleshootingService(service.MultiService):
         if config.metrics_port:
             self.web = WebService(self, reactor, config.metrics_host, config.metrics_port)
             self.web.setServiceParent(self)
-            self.reporter.on_delivered = self.web.collector.delivered
+            if self.reporter is not None:
+                self.reporter.on_delivered = self.web.collector.delivered
         if config.log_level == "debug":
             self.registry.observers.append(self._log_lines)
         else:
@@ -205,13 +216,13 @@ class TroubleshootingService(service.MultiService):
         if not self.running:
             return
         service.Service.stopService(self)
-        ordered = (self.listeners, self.registry_service, self.reporter, self.web)
+        ordered = (self.listeners, self.registry_service, self.sink, self.web)
         for other in [c for c in self if c not in ordered]:
             yield maybeDeferred(other.stopService)
         yield self.listeners.stopService()
         yield self.registry_service.stopService()
         yield self.tracker.close_all()
-        yield self.reporter.stopService()
+        yield self.sink.stopService()
         if self.web is not None:
             yield self.web.stopService()
 
@@ -307,7 +318,7 @@ class TroubleshootingService(service.MultiService):
             else "metrics off"
         )
         sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
-        waiting = self.reporter.spool.count
+        waiting = self.spool.count
         spool = f"{waiting} reports wait in the spool" if waiting else "spool empty"
         shared = (
             f" (shared with other processes: reuse_port; system information in {c.system_info_dir})"

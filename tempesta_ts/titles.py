@@ -17,7 +17,14 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from tempesta_ts.frames import STACK_START, Frame, first_trace, frame_at, is_questionable, line_frames
+from tempesta_ts.frames import (
+    STACK_START,
+    Frame,
+    first_trace,
+    frame_at,
+    is_questionable,
+    line_frames,
+)
 from tempesta_ts.title_formats import (
     GROUPS,
     REPORT_START_IGNORES,

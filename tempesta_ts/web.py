@@ -53,20 +53,20 @@ def _respond(request, content_type: str, body: str | bytes, code: int = 200) -> 
 # --- what the pages show -------------------------------------------------------------------
 
 
-def report_state(last: LastIncident, reporter) -> str:
-    """settling, folded, or the reporter's word for the report the incident went into."""
+def report_state(last: LastIncident, sink) -> str:
+    """settling, folded, or the report sink's word for the report the incident went into."""
     if last.suppressed:
         return "folded"
     if last.report_id is None:
         return "settling"
-    return reporter.state_of(last.report_id)
+    return sink.state_of(last.report_id)
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def instance_status(instance: Instance, tracker, reporter) -> dict[str, Any]:
+def instance_status(instance: Instance, tracker, sink) -> dict[str, Any]:
     """One instance as /status.json lists it."""
     info = instance.system_info
     last = tracker.last_incidents.get(instance.address)
@@ -93,7 +93,7 @@ def instance_status(instance: Instance, tracker, reporter) -> dict[str, Any]:
                 "line": _clip(last.incident.line.text, JSON_LINE_CHARS),
                 "received_at": iso(last.incident.line.received_at),
                 "report_id": last.report_id,
-                "report_state": report_state(last, reporter),
+                "report_state": report_state(last, sink),
             }
         ),
     }
@@ -146,15 +146,15 @@ def counters(stats) -> dict[str, int]:
 
 
 def spool_status(server) -> dict[str, Any]:
-    """The spool and delivery, as /status.json shows them."""
-    reporter = server.reporter
-    spool = reporter.spool
+    """The spool and delivery (none stand-alone), as /status.json shows them."""
+    spool, reporter = server.spool, server.reporter
     return {
         "pending": spool.count,
         "bytes": spool.bytes,
         "oldest": iso(spool.oldest_created),
-        "in_flight": reporter.in_flight,
-        "last_error": reporter.last_error,
+        "in_flight": reporter.in_flight if reporter is not None else 0,
+        "last_error": reporter.last_error if reporter is not None else None,
+        "last_error_kind": reporter.last_error_kind if reporter is not None else None,
         "max_bytes": spool.max_bytes,
         "settling": server.tracker.open_windows,
     }
@@ -164,7 +164,7 @@ def status_document(server, started_at: float, now: float) -> dict[str, Any]:
     """The whole /status.json document."""
     host, port = listening_address(server)
     config = server.config
-    tracker, reporter = server.tracker, server.reporter
+    tracker, sink = server.tracker, server.sink
     instances = sorted(server.registry, key=lambda i: _address_key(i.address))
     return {
         "version": __version__,
@@ -176,7 +176,7 @@ def status_document(server, started_at: float, now: float) -> dict[str, Any]:
         "mode": "stand-alone" if config.standalone else "support-server",
         "support_url": support_url(config),
         "counters": counters(server.registry.counters()),
-        "instances": [instance_status(i, tracker, reporter) for i in instances],
+        "instances": [instance_status(i, tracker, sink) for i in instances],
         "spool": spool_status(server),
     }
 
@@ -241,7 +241,7 @@ def _instance_row(instance: Instance, server, now: float) -> str:
         title = _title(last)
         incident = (
             f"<b>{_e(last.incident.kind)}</b> {_e(duration(now - line.received_at))} ago; "
-            f"report{report}: {_e(report_state(last, server.reporter))}<br>"
+            f"report{report}: {_e(report_state(last, server.sink))}<br>"
             + ("" if title is None else f"{_e(title)}<br>")
             + f"<code>{_e(_clip(line.text, HTML_LINE_CHARS))}</code>"
         )
@@ -271,7 +271,6 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
     else:
         mode = f"Support Server {_e(support_url(config))} as client {_e(config.support_client_id)}"
     spool = spool_status(server)
-    reporter = server.reporter
     out = [
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>tempesta-ts {_e(__version__)} status</title><style>{_STYLE}</style></head>",
@@ -288,7 +287,7 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
             ("Settling", _e(spool["settling"])),
             ("Pending in the spool", _e(spool["pending"])),
             ("Spool bytes", f"{_e(spool['bytes'])} of {_e(spool['max_bytes'])}"),
-            ("Oldest pending", _e(_when(reporter.spool.oldest_created, now))),
+            ("Oldest pending", _e(_when(server.spool.oldest_created, now))),
             ("In flight", _e(spool["in_flight"])),
             ("Last error", _e(spool["last_error"])),
         ]),

@@ -15,6 +15,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, ssl
 from twisted.web import http, resource, server
 
+from tests.waits import wait_until
+
 
 @dataclass(frozen=True)
 class Certificates:
@@ -199,3 +201,15 @@ def listen(reactor, site: TrackingSite, certificates: Certificates, port: int = 
            interface: str = "127.0.0.1"):
     """Listen with TLS; the caller stops the returned port."""
     return reactor.listenSSL(port, site, server_tls_options(certificates), interface=interface)
+
+
+@defer.inlineCallbacks
+def stop_loopback(reporters, servers):
+    """Stop the reporters, then the servers ((site, listening port) pairs) once each has seen
+    its connections closed: the clients' pools close the persistent connections first."""
+    for rep in reporters:
+        if rep.running:
+            yield rep.stopService()
+    for site, listening in servers:
+        yield listening.stopListening()
+        yield wait_until(lambda site=site: not site.open_channels)

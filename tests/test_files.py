@@ -14,8 +14,9 @@ from twisted.trial import unittest
 from tempesta_ts.buffers import SystemInfo
 from tempesta_ts.config import Config
 from tempesta_ts.errors import StartupError
-from tempesta_ts.reporter import BACKOFF_CAP, Reporter, Spool, file_name
+from tempesta_ts.reporter import BACKOFF_CAP, Reporter
 from tempesta_ts.service import TroubleshootingService
+from tempesta_ts.spool import Spool, file_name
 from tempesta_ts.sysinfo import SystemInfoStore
 from tests.test_reporter import EPOCH, Answer, FakeSupport, ReporterTestCase, report
 

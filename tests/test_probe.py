@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tempesta_ts import probe
+from tempesta_ts import probe, probe_messages, probe_options, probe_status
 from tempesta_ts.config import Config
 from tempesta_ts.incidents import Rules, signature
 from tempesta_ts.service import TroubleshootingService
@@ -34,9 +34,9 @@ def closed_port(kind: int = socket.SOCK_STREAM) -> int:
     return port
 
 
-def options(*argv: str) -> probe.Options:
+def options(*argv: str) -> probe_options.Options:
     """Parsed probe options."""
-    parsed = probe.Options()
+    parsed = probe_options.Options()
     parsed.parseOptions(list(argv))
     return parsed
 
@@ -395,33 +395,37 @@ class PartsTests(unittest.TestCase):
     """The pieces: sequence numbers, the nonce, advice, options."""
 
     def test_each_run_numbers_from_zero_as_a_boot_does(self):
-        self.assertEqual(probe.sequence_number(1e9), 0)
+        self.assertEqual(probe_messages.sequence_number(1e9), 0)
 
     def test_the_nonce_survives_the_signature(self):
         for _ in range(50):
-            nonce = probe.make_nonce()
-            line = probe.test_warning(nonce)
+            nonce = probe_messages.make_nonce()
+            line = probe_messages.test_warning(nonce)
             self.assertIn(nonce, signature("warning", line))
             detection = Rules().detect(line)
             self.assertEqual((detection.kind, detection.rule), ("warning", "test-message"))
 
     def test_advice(self):
+        # The failure (spool.last_error) -> (its kind, spool.last_error_kind; in the advice).
         cases = {
-            "TLS verification failed for h: certificate verify failed (...)": "support_ca_file",
-            "TLS verification failed for h: its certificate does not name h; ...": "set support_host",
-            "HTTP 401: the Support Server refused the credentials of client c; ...": "API key",
-            "connection refused by h:443": "support_host:support_port",
-            "cannot resolve h (DNS)": "DNS",
-            "timeout connecting to h:443": "firewall",
-            "no answer from h:443 within 30 s (timeout)": "firewall",
-            "HTTP 503 from the Support Server": "retries with backoff",
-            "HTTP 404 from the Support Server": "support_path",
-            "HTTP 422: report r rejected": "spool_dir/rejected/",
+            "TLS verification failed for h: certificate verify failed (...)":
+                ("tls", "support_ca_file"),
+            "TLS verification failed for h: its certificate does not name h; ...":
+                ("tls", "set support_host"),
+            "HTTP 401: the Support Server refused the credentials of client c; ...":
+                ("credentials", "API key"),
+            "connection refused by h:443": ("refused", "support_host:support_port"),
+            "cannot resolve h (DNS)": ("dns", "DNS"),
+            "timeout connecting to h:443": ("timeout", "firewall"),
+            "no answer from h:443 within 30 s (timeout)": ("timeout", "firewall"),
+            "HTTP 503 from the Support Server": ("server_error", "retries with backoff"),
+            "HTTP 404 from the Support Server": ("other", "support_path"),
+            "HTTP 422: report r rejected": ("rejected", "spool_dir/rejected/"),
         }
-        for error, expected in cases.items():
-            self.assertIn(expected, probe.advice_for(error), error)
-        self.assertTrue(probe.is_lasting("HTTP 403: the Support Server refused the credentials"))
-        self.assertFalse(probe.is_lasting("connection refused by h:443"))
+        for error, (kind, expected) in cases.items():
+            self.assertIn(expected, probe_status.advice_for(kind), error)
+        self.assertTrue(probe_status.is_lasting("credentials"))  # HTTP 403
+        self.assertFalse(probe_status.is_lasting("refused"))
 
     def test_usage_errors(self):
         for argv, message in [

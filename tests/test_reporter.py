@@ -20,21 +20,25 @@ from twisted.web.client import ResponseNeverReceived
 
 from tempesta_ts import __version__
 from tempesta_ts.config import Config, ConfigError
-from tempesta_ts.reporter import (
-    GZIP_THRESHOLD,
-    HTTPSPolicy,
-    Reporter,
+from tempesta_ts.delivery import GZIP_THRESHOLD, describe_failure, parse_retry_after
+from tempesta_ts.https_policy import HTTPSPolicy, UnverifiedTLS
+from tempesta_ts.reporter import Reporter
+from tempesta_ts.sinks import LocalReports
+from tempesta_ts.spool import (
     ReportTooLarge,
     Spool,
     SpooledReport,
-    UnverifiedTLS,
-    describe_failure,
     encode_report,
     file_name,
     parse_file_name,
-    parse_retry_after,
 )
-from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
+from tests.https_server import (
+    SupportResource,
+    TrackingSite,
+    listen,
+    make_certificates,
+    stop_loopback,
+)
 from tests.waits import wait_until
 
 KEY = "s3cret-api-key-never-logged"
@@ -510,7 +514,8 @@ class FlowTests(ReporterTestCase):
         self.assertTrue(any("3 reports" in t for t in self.texts(LogLevel.info)))
 
     def test_stand_alone_writes_local_json_and_sends_nothing(self):
-        rep = Reporter(Config(spool_dir=self.spool_dir), self.clock, self.stats)
+        config = Config(spool_dir=self.spool_dir)
+        rep = LocalReports(Spool.of(config, self.stats, self.clock), self.stats)
         rep.startService()
         results = []
         rep.submit(report(9)).addCallback(results.append)
@@ -521,7 +526,7 @@ class FlowTests(ReporterTestCase):
             self.assertEqual(f.read(), encode_report(report(9)))
         self.assertEqual(self.stats["reports_written_local"], 1)
         self.assertEqual(rep.state_of(report(9)["report_id"]), "written")
-        self.assertIsNone(rep._pool)
+        self.assertIsNone(getattr(rep, "client", None))  # no HTTP client, no connection pool
         self.assertTrue(any(path in t for t in self.texts(LogLevel.info)))
         self.assertEqual(self.pending_files(), [])
         self.successResultOf(rep.stopService())
@@ -600,7 +605,8 @@ class PieceTests(unittest.TestCase):
 
     def test_failures_are_described_with_the_fix(self):
         def why(exc):
-            return describe_failure(Failure(exc), "support.test", 443)
+            failed = describe_failure(Failure(exc), "support.test", 443)
+            return failed.cause, failed.why
 
         def tls(reason):
             return ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", reason)]))])
@@ -658,13 +664,7 @@ class LoopbackTLSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def stop_all(self):
-        # Clients first: their pools close the persistent connections, then the servers see it.
-        for rep in self.reporters:
-            if rep.running:
-                yield rep.stopService()
-        for site, listening in self.servers:
-            yield listening.stopListening()
-            yield wait_until(lambda site=site: not site.open_channels)
+        yield stop_loopback(self.reporters, self.servers)
         globalLogPublisher.removeObserver(self.events.append)
         for event in self.events:
             self.assertNotIn(KEY, formatEvent(event))

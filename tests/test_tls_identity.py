@@ -18,7 +18,14 @@ from twisted.trial import unittest
 
 from tempesta_ts.config import Config
 from tempesta_ts.reporter import Reporter
-from tests.https_server import Certificates, SupportResource, TrackingChannel, TrackingSite, listen
+from tests.https_server import (
+    Certificates,
+    SupportResource,
+    TrackingChannel,
+    TrackingSite,
+    listen,
+    stop_loopback,
+)
 from tests.test_reporter import CLIENT, KEY, report
 from tests.waits import wait_until
 
@@ -123,12 +130,7 @@ class IdentityTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def stop_all(self):
-        for rep in self.reporters:
-            if rep.running:
-                yield rep.stopService()
-        for site, listening in self.servers:
-            yield listening.stopListening()
-            yield wait_until(lambda site=site: not site.open_channels)
+        yield stop_loopback(self.reporters, self.servers)
         globalLogPublisher.removeObserver(self.events.append)
 
     def serve(self, certificates: Certificates):
