@@ -40,7 +40,12 @@ COUNTERS = (
     ("malformed_datagrams", "malformed_datagrams",
      "Datagrams in the extended format with an impossible header, dropped."),
     ("duplicate_messages", "duplicate_messages",
-     "Extended-format messages received twice (same sequence number), dropped."),
+     "Extended-format messages received twice (same sequence number and kernel time), dropped."),
+    ("out_of_order_messages", "out_of_order_messages",
+     "Extended-format messages kept that did not fit their instance's numbering (too late to "
+     "count, another message under a number seen, a number out of range or breaking it)."),
+    ("sequence_restarts", "sequence_restarts",
+     "Instances whose numbering started afresh: a reboot, or another numbering taken up."),
     ("fragments_received", "fragments_received", "Fragments of long extended-format messages."),
     ("fragments_expired", "fragments_expired",
      "Fragmented messages kept incomplete: not all fragments came within 5 s."),

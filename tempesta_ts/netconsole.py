@@ -19,6 +19,8 @@ import struct
 from collections import Counter, OrderedDict
 from typing import NamedTuple
 
+from tempesta_ts.sequence import DUPLICATE_MASK, SequenceTracker
+
 #: A partial plain line is flushed after this much quiet from its instance.
 PARTIAL_LINE_SECONDS = 1.0
 #: A fragmented message whose fragments have not all come by then is kept incomplete.
@@ -29,12 +31,6 @@ MAX_PENDING_MESSAGES = 16
 MAX_MESSAGE_BYTES = 64 * 1024
 #: A plain line longer than this without a newline is cut (the kernel's are under 1 KiB).
 MAX_LINE_BYTES = 16 * 1024
-#: How many recent sequence numbers are remembered to drop duplicates and fill late gaps.
-SEQ_WINDOW = 1024
-#: How far below the highest sequence number a message may arrive and still be a late one.
-REORDER_WINDOW = 64
-#: A message whose kernel time is this much before the newest one's comes from a new boot.
-REBOOT_MARGIN_US = 1_000_000
 
 # The common datagram's header: level, sequence number, kernel time, flags and
 # CONFIG_PRINTK_CALLER's caller id. Netconsole's "r" option puts the kernel release and a comma
@@ -195,70 +191,6 @@ def parse_plain_line(raw: bytes, received_at: float) -> LogLine:
     return LogLine(received_at, decode_text(raw), level=level, kernel_time_us=time_us)
 
 
-class SequenceTracker:
-    """Counts messages lost in sequence gaps, drops duplicates, sees a reboot as a restart.
-
-    No set of every number seen is kept: a number at or below the highest, not counted
-    missing, has been seen. What was skipped in the last SEQ_WINDOW numbers is remembered as
-    missing, so a late arrival takes its loss back. The kernel's clock tells a reboot (time
-    went back) from a duplicate or a late message (time did not).
-    """
-
-    __slots__ = ("highest", "highest_time", "first", "lost", "_missing")
-
-    def __init__(self) -> None:
-        self.highest: int | None = None
-        self.highest_time: int | None = None
-        #: The lowest number seen since the numbering (re)started.
-        self.first: int | None = None
-        self.lost = 0
-        self._missing: set[int] = set()
-
-    def accept(self, seq: int, time_us: int | None = None) -> bool:
-        """Whether a message with this sequence number is new; updates the loss count."""
-        highest = self.highest
-        if highest is None:
-            self._restart(seq, time_us)
-        elif seq == highest + 1:
-            self.highest, self.highest_time = seq, time_us
-        elif seq > highest:
-            self.lost += seq - highest - 1
-            self._missing.update(range(max(highest + 1, seq - SEQ_WINDOW), seq))
-            if len(self._missing) > SEQ_WINDOW:
-                self._missing = {s for s in self._missing if s > seq - SEQ_WINDOW}
-            self.highest, self.highest_time = seq, time_us
-        elif seq in self._missing:
-            # A late arrival (a slow fragment): it was counted lost, it is not.
-            self._missing.discard(seq)
-            self.lost -= 1
-        elif seq == 0 and (self.first == 0 or highest > REORDER_WINDOW):
-            # The kernel numbers from 0 at boot: the instance rebooted, nothing was lost.
-            self._restart(seq, time_us)
-        elif self._clock_went_back(time_us):
-            # A new boot whose first numbers were not sent (below the console log level).
-            self._restart(seq, time_us)
-        elif seq < self.first and self.first - seq <= REORDER_WINDOW:
-            # Overtaken before anything else was seen (the first datagrams of a stream).
-            self.first = seq
-        elif highest - seq <= SEQ_WINDOW or time_us is not None:
-            # Seen before (its time did not go back): a duplicate. Far below the window
-            # and with a kernel time that did not go back, it is a message too late to tell.
-            return False
-        else:
-            # Far below anything seen and no time to tell: the numbering restarted.
-            self._restart(seq, time_us)
-        return True
-
-    def _clock_went_back(self, time_us: int | None) -> bool:
-        last = self.highest_time
-        return time_us is not None and last is not None and time_us + REBOOT_MARGIN_US < last
-
-    def _restart(self, seq: int, time_us: int | None) -> None:
-        self.highest = self.first = seq
-        self.highest_time = time_us
-        self._missing.clear()
-
-
 class _Reassembly:
     """The fragments of one extended message received so far."""
 
@@ -312,7 +244,7 @@ class Decoder:
         self.stats = stats if stats is not None else Counter()
         self.release: str | None = None
         self._release_raw = b""
-        self.sequence = SequenceTracker()
+        self.sequence = SequenceTracker(self.stats)
         self._partial = b""
         self._partial_at = 0.0
         self._pending: OrderedDict[int, _Reassembly] = OrderedDict()
@@ -374,6 +306,7 @@ class Decoder:
         if highest is not None and seq == highest + 1:
             # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram.
             sequence.highest, sequence.highest_time = seq, time_us
+            sequence.times[seq & DUPLICATE_MASK] = time_us
         elif not sequence.accept(seq, time_us):
             self.stats["duplicate_messages"] += 1
             return b""

@@ -14,7 +14,9 @@ from twisted.trial import unittest
 
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
+from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import (
     MIN_BUFFER_TO_REST,
     READ_PAUSE_SECONDS,
@@ -107,6 +109,46 @@ class NetconsoleProtocolTests(unittest.TestCase):
         texts = [l.text for l in registry.get("192.0.2.1").buffer]
         self.assertEqual(texts, ["\\xff\\xfe\x00garbage"])
         self.assertEqual(stats["malformed_datagrams"], 1)
+
+
+class StrayInputTests(unittest.TestCase):
+    """Stray numbers and overlapping fragments over the protocol (issue 9, items 2 and 3a)."""
+
+    PANIC = b"Kernel panic - not syncing: Fatal exception in interrupt"
+
+    def make(self, buffer_max_bytes=10_000_000):
+        clock = task.Clock()
+        stats = Counter()
+        registry = BufferRegistry(100, 10_000, buffer_max_bytes, stats)
+        tracker = IncidentTracker(Rules(), clock, 5.0, 300.0, None, None, stats)
+        registry.observers.append(tracker.lines_added)
+        proto = NetconsoleProtocol(Intake(registry, clock, SourceFilter(()), stats))
+        return proto, registry, tracker, stats
+
+    def test_a_forged_sequence_number_hides_no_later_panic(self):
+        proto, registry, tracker, stats = self.make()
+        source = ("192.0.2.9", 6666)
+        for seq in range(100):
+            proto.datagramReceived(b"6,%d,%d,-;line %d\n" % (seq, 1_000_000 + seq, seq), source)
+        proto.datagramReceived(b"6,9999999999999999999,1010300,-;forged\n", source)
+        proto.datagramReceived(b"0,100,1010400,-;" + self.PANIC + b"\n", source)
+        instance = registry.get("192.0.2.9")
+        self.assertEqual([l.text for l in instance.buffer][-2:], ["forged", self.PANIC.decode()])
+        self.assertEqual(tracker.open_windows, 1)
+        self.assertEqual((instance.lost_messages, stats["duplicate_messages"]), (0, 0))
+
+    def test_the_lower_of_two_kernels_behind_one_address_is_heard(self):
+        proto, registry, tracker, stats = self.make()
+        source = ("192.0.2.9", 6666)
+        # The quieter kernel has numbered fewer messages, in a longer uptime.
+        for i in range(50):
+            proto.datagramReceived(b"6,%d,%d,-;high\n" % (9000 + i, 8_000_000_000 + i), source)
+            proto.datagramReceived(b"6,%d,%d,-;low\n" % (300 + i, 9_000_000_000 + i), source)
+        proto.datagramReceived(b"0,350,9000000100,-;" + self.PANIC + b"\n", source)
+        texts = [l.text for l in registry.get("192.0.2.9").buffer]
+        self.assertEqual(len(texts), 101)
+        self.assertEqual(texts[-1], self.PANIC.decode())
+        self.assertEqual(tracker.open_windows, 1)
 
 
 class ReceiveBufferTests(unittest.TestCase):
