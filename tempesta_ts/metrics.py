@@ -49,7 +49,12 @@ COUNTERS = (
     ("fragments_received", "fragments_received", "Fragments of long extended-format messages."),
     ("fragments_expired", "fragments_expired",
      "Fragmented messages kept incomplete: not all fragments came within 5 s."),
+    ("fragments_overlapping", "fragments_overlapping",
+     "Fragments overlapping bytes already received (never from a kernel), held within the "
+     "declared length."),
     ("lines_cut", "lines_cut", "Plain lines cut at 16 KiB for want of a newline."),
+    ("long_lines_cut", "long_lines_cut",
+     "Lines longer than buffer_max_bytes, cut to it with a marker."),
     ("sources_rejected", "sources_rejected",
      "Datagrams and TCP connections refused: source not in allowed_sources."),
     ("tcp_documents_accepted", "tcp_documents_accepted",

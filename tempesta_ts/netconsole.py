@@ -27,8 +27,13 @@ PARTIAL_LINE_SECONDS = 1.0
 FRAGMENT_SECONDS = 5.0
 #: Messages being reassembled at once per instance; the oldest is flushed past it.
 MAX_PENDING_MESSAGES = 16
-#: Largest message body a fragment header may announce (the kernel's are ~1 KiB + userdata).
-MAX_MESSAGE_BYTES = 64 * 1024
+#: Largest message body a fragment header may announce. The kernel's is under 75 KiB: the
+#: record's text (CONSOLE_EXT_LOG_MAX, 8 KiB with its header), userdata (MAX_USERDATA_ITEMS
+#: entries of 256 bytes: 16, or 256 in recent kernels) and sysdata (4 entries of 256 bytes).
+MAX_MESSAGE_BYTES = 80 * 1024
+#: Bytes held at once per instance for messages being reassembled, each twice its declared
+#: length (its bytes, and which of them came); the oldest is flushed past it.
+MAX_PENDING_BYTES = 512 * 1024
 #: A plain line longer than this without a newline is cut (the kernel's are under 1 KiB).
 MAX_LINE_BYTES = 16 * 1024
 
@@ -50,6 +55,7 @@ _NO_LEVEL = 255
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _INCOMPLETE_GAP = " [...] "
+_CUT_MARKER = " [line of %d bytes cut]"
 
 
 class LogLine(NamedTuple):
@@ -192,42 +198,51 @@ def parse_plain_line(raw: bytes, received_at: float) -> LogLine:
 
 
 class _Reassembly:
-    """The fragments of one extended message received so far."""
+    """The fragments of one extended message received so far, at their offsets.
 
-    __slots__ = ("header", "total", "chunks", "received", "started")
+    Held in two arrays of the declared length, its bytes and which of them came: however the
+    fragments overlap or repeat, a message never holds more than that.
+    """
+
+    __slots__ = ("header", "total", "data", "have", "received", "started")
 
     def __init__(self, header: ExtendedHeader, started: float) -> None:
         self.header = header
         self.total = header.frag_total
-        self.chunks: dict[int, bytes] = {}
+        self.data = bytearray(self.total)
+        self.have = bytearray(self.total)
         self.received = 0
         self.started = started
 
-    def add(self, offset: int, chunk: bytes) -> bool:
-        """Store a fragment; True once the message is whole."""
-        if offset not in self.chunks:
-            self.chunks[offset] = chunk
-            self.received += len(chunk)
-        return self.received >= self.total and self._contiguous()
+    def add(self, offset: int, chunk: bytes) -> int:
+        """Store a fragment (parse_extended_header keeps it within the total); bytes new."""
+        end = offset + len(chunk)
+        new = len(chunk) - self.have.count(1, offset, end)
+        if new:
+            self.data[offset:end] = chunk
+            self.have[offset:end] = b"\x01" * len(chunk)
+            self.received += new
+        return new
 
-    def _contiguous(self) -> bool:
-        end = 0
-        for offset in sorted(self.chunks):
-            if offset != end:
-                return False
-            end += len(self.chunks[offset])
-        return end == self.total
+    @property
+    def complete(self) -> bool:
+        """Every byte of the message came."""
+        return self.received == self.total
 
     def body(self) -> tuple[bytes, bool]:
         """The message body and whether it is complete; gaps are marked in the text."""
-        if self._contiguous():
-            return b"".join(self.chunks[o] for o in sorted(self.chunks)), True
-        pieces, end = [], 0
-        for offset in sorted(self.chunks):
-            if offset > end:
+        if self.complete:
+            return bytes(self.data), True
+        pieces, have, end = [], self.have, 0
+        start = have.find(1)
+        while start >= 0:
+            if start > end:
                 pieces.append(_INCOMPLETE_GAP.encode())
-            pieces.append(self.chunks[offset])
-            end = max(end, offset + len(self.chunks[offset]))
+            end = have.find(0, start)
+            if end < 0:
+                end = self.total
+            pieces.append(self.data[start:end])
+            start = have.find(1, end)
         if end < self.total:
             pieces.append(_INCOMPLETE_GAP.encode().rstrip())
         return b"".join(pieces), False
@@ -238,10 +253,12 @@ class Decoder:
 
     # One per instance, touched by every datagram: slots keep it small and quick to reach.
     __slots__ = ("stats", "release", "_release_raw", "sequence", "_partial", "_partial_at",
-                 "_pending")
+                 "_pending", "max_line_bytes")
 
-    def __init__(self, stats: Counter | None = None) -> None:
+    def __init__(self, stats: Counter | None = None, max_line_bytes: int = 2**31) -> None:
         self.stats = stats if stats is not None else Counter()
+        #: A line longer than this (bytes of UTF-8, the buffer's buffer_max_bytes) is cut.
+        self.max_line_bytes = max_line_bytes
         self.release: str | None = None
         self._release_raw = b""
         self.sequence = SequenceTracker(self.stats)
@@ -260,6 +277,11 @@ class Decoder:
         return len(self._pending)
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes held for the fragmented messages waiting (at most MAX_PENDING_BYTES)."""
+        return sum(len(r.data) + len(r.have) for r in self._pending.values())
+
+    @property
     def has_pending(self) -> bool:
         """True while a partial line or an unfinished fragmented message waits for time."""
         return bool(self._partial or self._pending)
@@ -272,8 +294,9 @@ class Decoder:
         `LogLine` costs three times its text. b"" means nothing to keep (a duplicate, a blank
         line). Anything else is left to `feed_other`.
         """
-        # Only ASCII text reads the same as bytes and as str.
-        if self._partial or not data.isascii():
+        # Only ASCII text reads the same as bytes and as str. A datagram longer than a line
+        # may be is left to the general path, which cuts its line.
+        if self._partial or not data.isascii() or len(data) > self.max_line_bytes:
             return None
         m = _COMMON_HEADER.match(data)
         release = b""
@@ -345,7 +368,7 @@ class Decoder:
             self.stats["malformed_datagrams"] += 1
             return []
         if parsed is None:
-            return self._feed_plain(data, now)
+            return self._cut_long(self._feed_plain(data, now))
         out = self._flush_partial(now) if self._partial else []
         header, body = parsed
         if header.release is not None:
@@ -354,7 +377,7 @@ class Decoder:
             out.extend(self._message(header, body, now, complete=True))
         else:
             out.extend(self._fragment(header, body, now))
-        return out
+        return self._cut_long(out)
 
     def expire(self, now: float) -> list[LogLine]:
         """Lines whose wait is over: a partial line after quiet, fragments past their time."""
@@ -367,7 +390,7 @@ class Decoder:
                 break
             del self._pending[seq]
             out.extend(self._give_up(reassembly, now))
-        return out
+        return self._cut_long(out)
 
     def flush(self, now: float) -> list[LogLine]:
         """Everything still waiting, as it is (at shutdown or eviction)."""
@@ -375,7 +398,21 @@ class Decoder:
         while self._pending:
             _, reassembly = self._pending.popitem(last=False)
             out.extend(self._give_up(reassembly, now))
-        return out
+        return self._cut_long(out)
+
+    def _cut_long(self, lines: list[LogLine]) -> list[LogLine]:
+        # A buffer keeps its newest line whole even over its bounds: no line may be longer.
+        limit = self.max_line_bytes
+        for i, line in enumerate(lines):
+            # UTF-8 takes at most 4 bytes a character: most lines need no encoding to tell.
+            if len(line.text) * 4 > limit:
+                raw = line.text.encode("utf-8", "backslashreplace")
+                if len(raw) > limit:
+                    self.stats["long_lines_cut"] += 1
+                    marker = _CUT_MARKER % len(raw)
+                    text = raw[: max(0, limit - len(marker))].decode("utf-8", "ignore")
+                    lines[i] = line._replace(text=text + marker)
+        return lines
 
     def _feed_plain(self, data: bytes, now: float) -> list[LogLine]:
         if self._partial:
@@ -404,11 +441,18 @@ class Decoder:
             if reassembly is not None:
                 del self._pending[header.seq]
                 out.extend(self._give_up(reassembly, now))
-            if len(self._pending) >= MAX_PENDING_MESSAGES:
+            while self._pending and (
+                len(self._pending) >= MAX_PENDING_MESSAGES
+                or self.pending_bytes + 2 * header.frag_total > MAX_PENDING_BYTES
+            ):
                 _, oldest = self._pending.popitem(last=False)
                 out.extend(self._give_up(oldest, now))
             reassembly = self._pending[header.seq] = _Reassembly(header, now)
-        if reassembly.add(header.frag_offset, chunk):
+        new = reassembly.add(header.frag_offset, chunk)
+        if 0 < new < len(chunk):
+            # Never from a kernel: its fragments do not overlap.
+            self.stats["fragments_overlapping"] += 1
+        if reassembly.complete:
             del self._pending[header.seq]
             body, _ = reassembly.body()
             out.extend(self._message(reassembly.header, body, now, complete=True))

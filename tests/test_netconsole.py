@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from collections import Counter
 
 from hypothesis import given, settings
@@ -407,6 +408,105 @@ class StrayNumberTests(unittest.TestCase):
         texts = [l.text for l in feed_all(d, [g for g in grams for _ in range(2)])]
         self.assertEqual(texts, ["Linux version", "Command line"])
         self.assertEqual((d.sequence.highest, d.lost_messages, stats["sequence_restarts"]), (1, 0, 1))
+
+
+def overlapping_attack(messages: int = 16, fragments: int = 200, size: int = 64_000):
+    """From one source: each message sent as fragments at offsets 0, 1, 2... of `size` bytes.
+
+    Made one at a time: all of them would take 200 MB."""
+    for seq in range(messages):
+        for offset in range(fragments):
+            yield b"4,%d,1000,-,ncfrag=%d/65000;" % (seq, offset) + bytes([65 + seq % 26]) * size
+
+
+class FragmentBoundTests(unittest.TestCase):
+    """A fragmented message never holds more than it declares (issue 9, item 3a)."""
+
+    def test_overlapping_fragments_hold_no_more_than_their_declared_length(self):
+        stats = Counter()
+        d = Decoder(stats)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        longest = held = now = 0
+        # Not enumerate() nor zip(): they keep their last pair, and so a datagram, for reuse.
+        for gram in overlapping_attack():
+            now += 0.0001
+            lines = d.feed(gram, now)
+            longest = max([longest] + [len(l.text) for l in lines])
+            del lines, gram
+            # Measured, not taken from the decoder: what it holds after each datagram.
+            held = max(held, tracemalloc.get_traced_memory()[0] - before)
+        # MAX_PENDING_BYTES (512 KiB) and some bookkeeping; it was 200 MiB.
+        self.assertLess(held, 576 * 1024)
+        self.assertLessEqual(d.pending_bytes, netconsole.MAX_PENDING_BYTES)
+        lines = d.flush(1.0)
+        longest = max([longest] + [len(l.text) for l in lines])
+        self.assertLessEqual(longest, 65_000 + len(" [...]"))
+        self.assertTrue(all(l.incomplete for l in lines))
+        self.assertEqual(stats["fragments_overlapping"], 16 * 199)
+        self.assertEqual(d.pending_bytes, 0)
+
+    def test_fragments_that_repeat_or_overlap_still_make_the_message(self):
+        body = b"0123456789" * 150 + b"\n"
+        grams = fragments(5, body, [500, 1000])
+        # A second target sends it all again; a stray fragment overlaps two of them.
+        extra = b"4,5,1000,-,ncfrag=400/%d;" % len(body) + body[400:700]
+        stats = Counter()
+        d = Decoder(stats)
+        lines = feed_all(d, [grams[0], extra, grams[1], grams[2]] + grams)
+        self.assertEqual([l.text for l in lines], [body[:-1].decode()])
+        # The stray overlaps the first fragment, and the second overlaps the stray.
+        self.assertEqual((stats["fragments_overlapping"], stats["duplicate_messages"]), (2, 1))
+        self.assertFalse(d.has_pending)
+
+    def test_gaps_of_an_incomplete_message_are_marked_where_they_are(self):
+        body = b"A" * 300 + b"B" * 300 + b"C" * 300 + b"\n"
+        grams = fragments(8, body, [300, 600, 900])
+        d = Decoder()
+        feed_all(d, [grams[1]])
+        (line,) = d.flush(1.0)
+        self.assertEqual(line.text, " [...] " + "B" * 300 + " [...]")
+        d = Decoder()
+        feed_all(d, [grams[0], grams[2]])
+        (line,) = d.flush(2.0)
+        self.assertEqual(line.text, "A" * 300 + " [...] " + "C" * 300 + " [...]")
+
+    def test_declared_length_above_the_kernels_largest_is_malformed(self):
+        stats = Counter()
+        d = Decoder(stats)
+        d.feed(b"4,1,0,-,ncfrag=0/%d;x" % (netconsole.MAX_MESSAGE_BYTES + 1), 0)
+        d.feed(b"4,2,0,-,ncfrag=0/%d;x" % netconsole.MAX_MESSAGE_BYTES, 0)
+        self.assertEqual((stats["malformed_datagrams"], d.pending_messages), (1, 1))
+
+
+class LongLineTests(unittest.TestCase):
+    """A line longer than its buffer may hold is cut with a marker, on every path."""
+
+    def test_a_line_longer_than_the_limit_is_cut_with_a_marker(self):
+        text = "x" * 3000
+        body = text.encode() + b"\n"
+        for name, grams in (
+            ("common", [b"6,1,2,-;" + body]),
+            ("dictionary", [b"6,1,2,-;" + body + b" SUBSYSTEM=x\n"]),
+            ("fragments", fragments(1, body, [1000, 2000])),
+            ("plain", [body]),
+            ("plain, not ASCII", ["é".encode() * 1500 + b"\n"]),
+        ):
+            stats = Counter()
+            d = Decoder(stats, max_line_bytes=1024)
+            (line,) = feed_all(d, grams)
+            self.assertLessEqual(len(line.text.encode()), 1024, name)
+            self.assertTrue(line.text.endswith(" [line of 3000 bytes cut]"), name)
+            self.assertEqual(stats["long_lines_cut"], 1, name)
+
+    def test_a_line_within_the_limit_is_whole(self):
+        d = Decoder(max_line_bytes=1024)
+        body = b"y" * (1024 - len("6,1,2,-;\n"))
+        (line,) = d.feed(b"6,1,2,-;" + body + b"\n", 0)
+        self.assertEqual(line.text, body.decode())
+        (line,) = d.feed(b"z" * 1024 + b"\n", 0)
+        self.assertEqual(line.text, "z" * 1024)
 
 
 class PropertyTests(unittest.TestCase):

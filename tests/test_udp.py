@@ -12,6 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from tempesta_ts import netconsole
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.incidents import Rules
@@ -149,6 +150,25 @@ class StrayInputTests(unittest.TestCase):
         self.assertEqual(len(texts), 101)
         self.assertEqual(texts[-1], self.PANIC.decode())
         self.assertEqual(tracker.open_windows, 1)
+
+    def test_overlapping_fragments_from_one_source_stay_bounded(self):
+        limit = 32 * 1024
+        proto, registry, _, stats = self.make(buffer_max_bytes=limit)
+        source = ("192.0.2.9", 6666)
+        held = 0
+        for seq in range(16):
+            for offset in range(200):
+                gram = b"4,%d,1000,-,ncfrag=%d/65000;" % (seq, offset) + b"x" * 64_000
+                proto.datagramReceived(gram, source)
+                held = max(held, registry.get("192.0.2.9").decoder.pending_bytes)
+        registry.flush(1.0)
+        instance = registry.get("192.0.2.9")
+        self.assertLessEqual(held, netconsole.MAX_PENDING_BYTES)
+        # Each message kept incomplete, cut to the buffer; the buffer holds the newest.
+        self.assertEqual((stats["lines"], stats["long_lines_cut"]), (16, 16))
+        self.assertLessEqual(max(len(l.text.encode()) for l in instance.buffer), limit)
+        self.assertLessEqual(instance.buffer.bytes, limit)
+        self.assertTrue(all(l.text.endswith(" bytes cut]") for l in instance.buffer))
 
 
 class ReceiveBufferTests(unittest.TestCase):
