@@ -326,11 +326,12 @@ class Decoder:
         seq, time_us = int(m[2]), int(m[3])
         sequence = self.sequence
         highest = sequence.highest
-        if highest is not None and seq == highest + 1:
-            # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram.
+        if highest is not None and seq == highest + 1 and time_us:
+            # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram. The
+            # time tells the message (accept takes its text where the time is 0).
             sequence.highest, sequence.highest_time = seq, time_us
             sequence.times[seq & DUPLICATE_MASK] = time_us
-        elif not sequence.accept(seq, time_us):
+        elif not sequence.accept(seq, time_us, data[start:end]):
             self.stats["duplicate_messages"] += 1
             return b""
         if release and release != self._release_raw:
@@ -467,7 +468,7 @@ class Decoder:
     def _message(
         self, header: ExtendedHeader, body: bytes, now: float, complete: bool
     ) -> list[LogLine]:
-        if not self.sequence.accept(header.seq, header.time_us):
+        if not self.sequence.accept(header.seq, header.time_us, body.partition(b"\n")[0]):
             self.stats["duplicate_messages"] += 1
             return []
         texts, fields = parse_extended_body(body)

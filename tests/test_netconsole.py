@@ -400,6 +400,24 @@ class StrayNumberTests(unittest.TestCase):
         self.assertTrue(t.accept(2**63, 3_000))
         self.assertEqual(t.lost, netconsole_sequence.MAX_GAP)
 
+    def test_messages_at_kernel_time_0_are_told_by_their_text(self):
+        # tempesta-ts-probe numbers every run from 0, at time 0; some runs send a warning.
+        stats = Counter()
+        d = Decoder(stats)
+        grams = [b"6,0,0,-;probe %s\n" % run for run in (b"a", b"b", b"c")]
+        grams += [b"6,0,0,-;probe d\n", b"4,1,0,-;warning d\n", b"6,0,0,-;probe e\n"]
+        grams += [b"6,0,0,-;probe f\n", b"4,1,0,-;warning f\n"]
+        texts = [l.text for l in feed_all(d, grams)]
+        self.assertEqual(len(texts), len(grams))
+        self.assertEqual(stats["duplicate_messages"], 0)
+        # Early boot lines (time 0) sent to two targets: each once.
+        stats = Counter()
+        d = Decoder(stats)
+        grams = [extended(s, 0, b"boot %d" % s) for s in range(5) for _ in range(2)]
+        texts = [l.text for l in feed_all(d, grams)]
+        self.assertEqual(texts, ["boot %d" % s for s in range(5)])
+        self.assertEqual(stats["duplicate_messages"], 5)
+
     def test_a_reboot_sent_to_two_targets_gives_its_first_line_once(self):
         stats = Counter()
         d = Decoder(stats)
