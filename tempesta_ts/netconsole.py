@@ -31,11 +31,13 @@ MAX_PENDING_MESSAGES = 16
 #: record's text (CONSOLE_EXT_LOG_MAX, 8 KiB with its header), userdata (MAX_USERDATA_ITEMS
 #: entries of 256 bytes: 16, or 256 in recent kernels) and sysdata (4 entries of 256 bytes).
 MAX_MESSAGE_BYTES = 80 * 1024
-#: Bytes held at once per instance for messages being reassembled, each twice its declared
-#: length (its bytes, and which of them came); the oldest is flushed past it.
+#: Bytes held at once per instance for messages being reassembled, each twice as far as its
+#: furthest byte received (its bytes, and which of them came); the oldest go past it.
 MAX_PENDING_BYTES = 512 * 1024
 #: A plain line longer than this without a newline is cut (the kernel's are under 1 KiB).
 MAX_LINE_BYTES = 16 * 1024
+#: The longest datagram the listener reads (a UDP payload is at most 65,527 bytes).
+MAX_DATAGRAM_BYTES = 65_535
 
 # The common datagram's header: level, sequence number, kernel time, flags and
 # CONFIG_PRINTK_CALLER's caller id. Netconsole's "r" option puts the kernel release and a comma
@@ -200,8 +202,9 @@ def parse_plain_line(raw: bytes, received_at: float) -> LogLine:
 class _Reassembly:
     """The fragments of one extended message received so far, at their offsets.
 
-    Held in two arrays of the declared length, its bytes and which of them came: however the
-    fragments overlap or repeat, a message never holds more than that.
+    Held in two arrays as long as the furthest byte received, its bytes and which of them
+    came: however the fragments overlap or repeat, a message never holds more than twice its
+    declared length, and a first fragment alone takes no more than itself.
     """
 
     __slots__ = ("header", "total", "data", "have", "received", "started")
@@ -209,14 +212,17 @@ class _Reassembly:
     def __init__(self, header: ExtendedHeader, started: float) -> None:
         self.header = header
         self.total = header.frag_total
-        self.data = bytearray(self.total)
-        self.have = bytearray(self.total)
+        self.data = bytearray()
+        self.have = bytearray()
         self.received = 0
         self.started = started
 
     def add(self, offset: int, chunk: bytes) -> int:
         """Store a fragment (parse_extended_header keeps it within the total); bytes new."""
         end = offset + len(chunk)
+        if end > len(self.data):
+            self.data += bytes(end - len(self.data))
+            self.have += bytes(end - len(self.have))
         new = len(chunk) - self.have.count(1, offset, end)
         if new:
             self.data[offset:end] = chunk
@@ -240,7 +246,7 @@ class _Reassembly:
                 pieces.append(_INCOMPLETE_GAP.encode())
             end = have.find(0, start)
             if end < 0:
-                end = self.total
+                end = len(have)
             pieces.append(self.data[start:end])
             start = have.find(1, end)
         if end < self.total:
@@ -249,11 +255,21 @@ class _Reassembly:
 
 
 class Decoder:
-    """One instance's netconsole stream: datagrams in, complete log lines out."""
+    """One instance's netconsole stream: datagrams in, complete log lines out.
+
+    A line longer than max_line_bytes (the buffer's buffer_max_bytes) is cut to it. Below
+    MAX_DATAGRAM_BYTES that takes a check on the common path: such a decoder is a
+    `_BoundedDecoder`, and the others do without it.
+    """
 
     # One per instance, touched by every datagram: slots keep it small and quick to reach.
     __slots__ = ("stats", "release", "_release_raw", "sequence", "_partial", "_partial_at",
                  "_pending", "max_line_bytes")
+
+    def __new__(cls, stats: Counter | None = None, max_line_bytes: int = 2**31) -> Decoder:
+        if cls is Decoder and max_line_bytes < MAX_DATAGRAM_BYTES:
+            cls = _BoundedDecoder
+        return super().__new__(cls)
 
     def __init__(self, stats: Counter | None = None, max_line_bytes: int = 2**31) -> None:
         self.stats = stats if stats is not None else Counter()
@@ -294,9 +310,8 @@ class Decoder:
         `LogLine` costs three times its text. b"" means nothing to keep (a duplicate, a blank
         line). Anything else is left to `feed_other`.
         """
-        # Only ASCII text reads the same as bytes and as str. A datagram longer than a line
-        # may be is left to the general path, which cuts its line.
-        if self._partial or not data.isascii() or len(data) > self.max_line_bytes:
+        # Only ASCII text reads the same as bytes and as str.
+        if self._partial or not data.isascii():
             return None
         m = _COMMON_HEADER.match(data)
         release = b""
@@ -442,13 +457,17 @@ class Decoder:
             if reassembly is not None:
                 del self._pending[header.seq]
                 out.extend(self._give_up(reassembly, now))
-            while self._pending and (
-                len(self._pending) >= MAX_PENDING_MESSAGES
-                or self.pending_bytes + 2 * header.frag_total > MAX_PENDING_BYTES
-            ):
+            if len(self._pending) >= MAX_PENDING_MESSAGES:
                 _, oldest = self._pending.popitem(last=False)
                 out.extend(self._give_up(oldest, now))
             reassembly = self._pending[header.seq] = _Reassembly(header, now)
+        grows = 2 * (header.frag_offset + len(chunk) - len(reassembly.data))
+        if grows > 0 and self.pending_bytes + grows > MAX_PENDING_BYTES:
+            # The oldest others go first (one message alone is well within the bound).
+            for seq in [s for s in self._pending if s != header.seq]:
+                out.extend(self._give_up(self._pending.pop(seq), now))
+                if self.pending_bytes + grows <= MAX_PENDING_BYTES:
+                    break
         new = reassembly.add(header.frag_offset, chunk)
         if 0 < new < len(chunk):
             # Never from a kernel: its fragments do not overlap.
@@ -490,3 +509,16 @@ class Decoder:
             )
             for text in texts
         ]
+
+
+class _BoundedDecoder(Decoder):
+    """A `Decoder` whose lines must be shorter than a datagram may be."""
+
+    __slots__ = ()
+
+    def record(self, data: bytes, now: float) -> bytes | None:
+        """As `Decoder.record`; a datagram longer than a line may be takes the general path,
+        which cuts its line."""
+        if len(data) > self.max_line_bytes:
+            return None
+        return super().record(data, now)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 
-#: How many recent sequence numbers are remembered to drop duplicates and fill late gaps.
+#: How far back numbers skipped are remembered (a late one takes its loss back), and the
+#: longest jump forward taken as a gap; a longer one breaks the numbering.
 SEQ_WINDOW = 1024
 #: How far below the highest sequence number a message may arrive and still be a late one.
 REORDER_WINDOW = 64
@@ -19,7 +20,7 @@ REORDER_WINDOW = 64
 REBOOT_MARGIN_US = 1_000_000
 #: How many recent numbers' kernel times are kept to tell a duplicate (the same message again)
 #: from another message under a number already seen. A power of 2.
-DUPLICATE_WINDOW = 1024
+DUPLICATE_WINDOW = 128
 DUPLICATE_MASK = DUPLICATE_WINDOW - 1
 #: The highest sequence number taken for a kernel's. Its counter is 64 bits but counts one a
 #: message since boot: at 100,000 messages a second without pause it takes 89 years to get here.

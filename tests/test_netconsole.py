@@ -490,6 +490,14 @@ class FragmentBoundTests(unittest.TestCase):
         (line,) = d.flush(2.0)
         self.assertEqual(line.text, "A" * 300 + " [...] " + "C" * 300 + " [...]")
 
+    def test_a_first_fragment_alone_holds_no_more_than_itself(self):
+        # Many sources flooding first fragments that announce 60,000 bytes (bench/memory.py).
+        d = Decoder()
+        d.feed(b"6,1,2,-,ncfrag=0/60000;" + b"x" * 100, 0)
+        self.assertEqual(d.pending_bytes, 2 * 100)
+        d.feed(b"6,1,2,-,ncfrag=59900/60000;" + b"y" * 100, 0)
+        self.assertEqual(d.pending_bytes, 2 * 60_000)
+
     def test_declared_length_above_the_kernels_largest_is_malformed(self):
         stats = Counter()
         d = Decoder(stats)

@@ -170,6 +170,15 @@ class StrayInputTests(unittest.TestCase):
         self.assertLessEqual(instance.buffer.bytes, limit)
         self.assertTrue(all(l.text.endswith(" bytes cut]") for l in instance.buffer))
 
+    def test_a_datagram_longer_than_the_buffer_leaves_a_cut_line(self):
+        proto, registry, _, stats = self.make(buffer_max_bytes=4096)
+        for gram in (b"6,1,1000,-;" + b"e" * 40_000 + b"\n", b"p" * 40_000 + b"\n"):
+            proto.datagramReceived(gram, ("192.0.2.9", 6666))
+            (line,) = list(registry.get("192.0.2.9").buffer)[-1:]
+            self.assertEqual(len(line.text), 4096)
+            self.assertTrue(line.text.endswith(" [line of 40000 bytes cut]"))
+        self.assertEqual(stats["long_lines_cut"], 2)
+
 
 class ReceiveBufferTests(unittest.TestCase):
     """The socket's receive buffer is enlarged and what the kernel granted is known."""
