@@ -238,7 +238,7 @@ class BufferRegistry:
                 address,
                 now,
                 LogBuffer(self.buffer_max_lines, self.buffer_max_bytes),
-                Decoder(self.stats),
+                Decoder(self.stats, self.buffer_max_bytes),
             )
             self._instances[address] = instance
             self.stats["instances_created"] += 1

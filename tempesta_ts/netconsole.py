@@ -19,22 +19,25 @@ import struct
 from collections import Counter, OrderedDict
 from typing import NamedTuple
 
+from tempesta_ts.sequence import DUPLICATE_MASK, SequenceTracker
+
 #: A partial plain line is flushed after this much quiet from its instance.
 PARTIAL_LINE_SECONDS = 1.0
 #: A fragmented message whose fragments have not all come by then is kept incomplete.
 FRAGMENT_SECONDS = 5.0
 #: Messages being reassembled at once per instance; the oldest is flushed past it.
 MAX_PENDING_MESSAGES = 16
-#: Largest message body a fragment header may announce (the kernel's are ~1 KiB + userdata).
-MAX_MESSAGE_BYTES = 64 * 1024
+#: Largest message body a fragment header may announce. The kernel's is under 75 KiB: the
+#: record's text (CONSOLE_EXT_LOG_MAX, 8 KiB with its header), userdata (MAX_USERDATA_ITEMS
+#: entries of 256 bytes: 16, or 256 in recent kernels) and sysdata (4 entries of 256 bytes).
+MAX_MESSAGE_BYTES = 80 * 1024
+#: Bytes held at once per instance for messages being reassembled, each twice as far as its
+#: furthest byte received (its bytes, and which of them came); the oldest go past it.
+MAX_PENDING_BYTES = 512 * 1024
 #: A plain line longer than this without a newline is cut (the kernel's are under 1 KiB).
 MAX_LINE_BYTES = 16 * 1024
-#: How many recent sequence numbers are remembered to drop duplicates and fill late gaps.
-SEQ_WINDOW = 1024
-#: How far below the highest sequence number a message may arrive and still be a late one.
-REORDER_WINDOW = 64
-#: A message whose kernel time is this much before the newest one's comes from a new boot.
-REBOOT_MARGIN_US = 1_000_000
+#: The longest datagram the listener reads (a UDP payload is at most 65,527 bytes).
+MAX_DATAGRAM_BYTES = 65_535
 
 # The common datagram's header: level, sequence number, kernel time, flags and
 # CONFIG_PRINTK_CALLER's caller id. Netconsole's "r" option puts the kernel release and a comma
@@ -54,6 +57,7 @@ _NO_LEVEL = 255
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _INCOMPLETE_GAP = " [...] "
+_CUT_MARKER = " [line of %d bytes cut]"
 
 
 class LogLine(NamedTuple):
@@ -195,124 +199,85 @@ def parse_plain_line(raw: bytes, received_at: float) -> LogLine:
     return LogLine(received_at, decode_text(raw), level=level, kernel_time_us=time_us)
 
 
-class SequenceTracker:
-    """Counts messages lost in sequence gaps, drops duplicates, sees a reboot as a restart.
+class _Reassembly:
+    """The fragments of one extended message received so far, at their offsets.
 
-    No set of every number seen is kept: a number at or below the highest, not counted
-    missing, has been seen. What was skipped in the last SEQ_WINDOW numbers is remembered as
-    missing, so a late arrival takes its loss back. The kernel's clock tells a reboot (time
-    went back) from a duplicate or a late message (time did not).
+    Held in two arrays as long as the furthest byte received, its bytes and which of them
+    came: however the fragments overlap or repeat, a message never holds more than twice its
+    declared length, and a first fragment alone takes no more than itself.
     """
 
-    __slots__ = ("highest", "highest_time", "first", "lost", "_missing")
-
-    def __init__(self) -> None:
-        self.highest: int | None = None
-        self.highest_time: int | None = None
-        #: The lowest number seen since the numbering (re)started.
-        self.first: int | None = None
-        self.lost = 0
-        self._missing: set[int] = set()
-
-    def accept(self, seq: int, time_us: int | None = None) -> bool:
-        """Whether a message with this sequence number is new; updates the loss count."""
-        highest = self.highest
-        if highest is None:
-            self._restart(seq, time_us)
-        elif seq == highest + 1:
-            self.highest, self.highest_time = seq, time_us
-        elif seq > highest:
-            self.lost += seq - highest - 1
-            self._missing.update(range(max(highest + 1, seq - SEQ_WINDOW), seq))
-            if len(self._missing) > SEQ_WINDOW:
-                self._missing = {s for s in self._missing if s > seq - SEQ_WINDOW}
-            self.highest, self.highest_time = seq, time_us
-        elif seq in self._missing:
-            # A late arrival (a slow fragment): it was counted lost, it is not.
-            self._missing.discard(seq)
-            self.lost -= 1
-        elif seq == 0 and (self.first == 0 or highest > REORDER_WINDOW):
-            # The kernel numbers from 0 at boot: the instance rebooted, nothing was lost.
-            self._restart(seq, time_us)
-        elif self._clock_went_back(time_us):
-            # A new boot whose first numbers were not sent (below the console log level).
-            self._restart(seq, time_us)
-        elif seq < self.first and self.first - seq <= REORDER_WINDOW:
-            # Overtaken before anything else was seen (the first datagrams of a stream).
-            self.first = seq
-        elif highest - seq <= SEQ_WINDOW or time_us is not None:
-            # Seen before (its time did not go back): a duplicate. Far below the window
-            # and with a kernel time that did not go back, it is a message too late to tell.
-            return False
-        else:
-            # Far below anything seen and no time to tell: the numbering restarted.
-            self._restart(seq, time_us)
-        return True
-
-    def _clock_went_back(self, time_us: int | None) -> bool:
-        last = self.highest_time
-        return time_us is not None and last is not None and time_us + REBOOT_MARGIN_US < last
-
-    def _restart(self, seq: int, time_us: int | None) -> None:
-        self.highest = self.first = seq
-        self.highest_time = time_us
-        self._missing.clear()
-
-
-class _Reassembly:
-    """The fragments of one extended message received so far."""
-
-    __slots__ = ("header", "total", "chunks", "received", "started")
+    __slots__ = ("header", "total", "data", "have", "received", "started")
 
     def __init__(self, header: ExtendedHeader, started: float) -> None:
         self.header = header
         self.total = header.frag_total
-        self.chunks: dict[int, bytes] = {}
+        self.data = bytearray()
+        self.have = bytearray()
         self.received = 0
         self.started = started
 
-    def add(self, offset: int, chunk: bytes) -> bool:
-        """Store a fragment; True once the message is whole."""
-        if offset not in self.chunks:
-            self.chunks[offset] = chunk
-            self.received += len(chunk)
-        return self.received >= self.total and self._contiguous()
+    def add(self, offset: int, chunk: bytes) -> int:
+        """Store a fragment (parse_extended_header keeps it within the total); bytes new."""
+        end = offset + len(chunk)
+        if end > len(self.data):
+            self.data += bytes(end - len(self.data))
+            self.have += bytes(end - len(self.have))
+        new = len(chunk) - self.have.count(1, offset, end)
+        if new:
+            self.data[offset:end] = chunk
+            self.have[offset:end] = b"\x01" * len(chunk)
+            self.received += new
+        return new
 
-    def _contiguous(self) -> bool:
-        end = 0
-        for offset in sorted(self.chunks):
-            if offset != end:
-                return False
-            end += len(self.chunks[offset])
-        return end == self.total
+    @property
+    def complete(self) -> bool:
+        """Every byte of the message came."""
+        return self.received == self.total
 
     def body(self) -> tuple[bytes, bool]:
         """The message body and whether it is complete; gaps are marked in the text."""
-        if self._contiguous():
-            return b"".join(self.chunks[o] for o in sorted(self.chunks)), True
-        pieces, end = [], 0
-        for offset in sorted(self.chunks):
-            if offset > end:
+        if self.complete:
+            return bytes(self.data), True
+        pieces, have, end = [], self.have, 0
+        start = have.find(1)
+        while start >= 0:
+            if start > end:
                 pieces.append(_INCOMPLETE_GAP.encode())
-            pieces.append(self.chunks[offset])
-            end = max(end, offset + len(self.chunks[offset]))
+            end = have.find(0, start)
+            if end < 0:
+                end = len(have)
+            pieces.append(self.data[start:end])
+            start = have.find(1, end)
         if end < self.total:
             pieces.append(_INCOMPLETE_GAP.encode().rstrip())
         return b"".join(pieces), False
 
 
 class Decoder:
-    """One instance's netconsole stream: datagrams in, complete log lines out."""
+    """One instance's netconsole stream: datagrams in, complete log lines out.
+
+    A line longer than max_line_bytes (the buffer's buffer_max_bytes) is cut to it. Below
+    MAX_DATAGRAM_BYTES that takes a check on the common path: such a decoder is a
+    `_BoundedDecoder`, and the others do without it.
+    """
 
     # One per instance, touched by every datagram: slots keep it small and quick to reach.
     __slots__ = ("stats", "release", "_release_raw", "sequence", "_partial", "_partial_at",
-                 "_pending")
+                 "_pending", "max_line_bytes")
 
-    def __init__(self, stats: Counter | None = None) -> None:
+    def __new__(cls, stats: Counter | None = None, max_line_bytes: int = 2**31) -> Decoder:
+        if cls is Decoder and max_line_bytes < MAX_DATAGRAM_BYTES:
+            cls = _BoundedDecoder
+        return super().__new__(cls)
+
+    def __init__(self, stats: Counter | None = None, max_line_bytes: int = 2**31) -> None:
         self.stats = stats if stats is not None else Counter()
+        #: A line longer than this (bytes of UTF-8, the buffer's buffer_max_bytes) is cut.
+        self.max_line_bytes = max_line_bytes
         self.release: str | None = None
         self._release_raw = b""
-        self.sequence = SequenceTracker()
+        self.sequence = SequenceTracker(self.stats)
         self._partial = b""
         self._partial_at = 0.0
         self._pending: OrderedDict[int, _Reassembly] = OrderedDict()
@@ -326,6 +291,11 @@ class Decoder:
     def pending_messages(self) -> int:
         """Fragmented messages waiting for the rest of their fragments."""
         return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for the fragmented messages waiting (at most MAX_PENDING_BYTES)."""
+        return sum(len(r.data) + len(r.have) for r in self._pending.values())
 
     @property
     def has_pending(self) -> bool:
@@ -371,10 +341,12 @@ class Decoder:
         seq, time_us = int(m[2]), int(m[3])
         sequence = self.sequence
         highest = sequence.highest
-        if highest is not None and seq == highest + 1:
-            # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram.
+        if highest is not None and seq == highest + 1 and time_us:
+            # SequenceTracker.accept's in-order case, inlined: it is nearly every datagram. The
+            # time tells the message (accept takes its text where the time is 0).
             sequence.highest, sequence.highest_time = seq, time_us
-        elif not sequence.accept(seq, time_us):
+            sequence.times[seq & DUPLICATE_MASK] = time_us
+        elif not sequence.accept(seq, time_us, data[start:end]):
             self.stats["duplicate_messages"] += 1
             return b""
         if release and release != self._release_raw:
@@ -412,7 +384,7 @@ class Decoder:
             self.stats["malformed_datagrams"] += 1
             return []
         if parsed is None:
-            return self._feed_plain(data, now)
+            return self._cut_long(self._feed_plain(data, now))
         out = self._flush_partial(now) if self._partial else []
         header, body = parsed
         if header.release is not None:
@@ -421,7 +393,7 @@ class Decoder:
             out.extend(self._message(header, body, now, complete=True))
         else:
             out.extend(self._fragment(header, body, now))
-        return out
+        return self._cut_long(out)
 
     def expire(self, now: float) -> list[LogLine]:
         """Lines whose wait is over: a partial line after quiet, fragments past their time."""
@@ -434,7 +406,7 @@ class Decoder:
                 break
             del self._pending[seq]
             out.extend(self._give_up(reassembly, now))
-        return out
+        return self._cut_long(out)
 
     def flush(self, now: float) -> list[LogLine]:
         """Everything still waiting, as it is (at shutdown or eviction)."""
@@ -442,7 +414,21 @@ class Decoder:
         while self._pending:
             _, reassembly = self._pending.popitem(last=False)
             out.extend(self._give_up(reassembly, now))
-        return out
+        return self._cut_long(out)
+
+    def _cut_long(self, lines: list[LogLine]) -> list[LogLine]:
+        # A buffer keeps its newest line whole even over its bounds: no line may be longer.
+        limit = self.max_line_bytes
+        for i, line in enumerate(lines):
+            # UTF-8 takes at most 4 bytes a character: most lines need no encoding to tell.
+            if len(line.text) * 4 > limit:
+                raw = line.text.encode("utf-8", "backslashreplace")
+                if len(raw) > limit:
+                    self.stats["long_lines_cut"] += 1
+                    marker = _CUT_MARKER % len(raw)
+                    text = raw[: max(0, limit - len(marker))].decode("utf-8", "ignore")
+                    lines[i] = line._replace(text=text + marker)
+        return lines
 
     def _feed_plain(self, data: bytes, now: float) -> list[LogLine]:
         if self._partial:
@@ -475,7 +461,18 @@ class Decoder:
                 _, oldest = self._pending.popitem(last=False)
                 out.extend(self._give_up(oldest, now))
             reassembly = self._pending[header.seq] = _Reassembly(header, now)
-        if reassembly.add(header.frag_offset, chunk):
+        grows = 2 * (header.frag_offset + len(chunk) - len(reassembly.data))
+        if grows > 0 and self.pending_bytes + grows > MAX_PENDING_BYTES:
+            # The oldest others go first (one message alone is well within the bound).
+            for seq in [s for s in self._pending if s != header.seq]:
+                out.extend(self._give_up(self._pending.pop(seq), now))
+                if self.pending_bytes + grows <= MAX_PENDING_BYTES:
+                    break
+        new = reassembly.add(header.frag_offset, chunk)
+        if 0 < new < len(chunk):
+            # Never from a kernel: its fragments do not overlap.
+            self.stats["fragments_overlapping"] += 1
+        if reassembly.complete:
             del self._pending[header.seq]
             body, _ = reassembly.body()
             out.extend(self._message(reassembly.header, body, now, complete=True))
@@ -490,7 +487,7 @@ class Decoder:
     def _message(
         self, header: ExtendedHeader, body: bytes, now: float, complete: bool
     ) -> list[LogLine]:
-        if not self.sequence.accept(header.seq, header.time_us):
+        if not self.sequence.accept(header.seq, header.time_us, body.partition(b"\n")[0]):
             self.stats["duplicate_messages"] += 1
             return []
         texts, fields = parse_extended_body(body)
@@ -512,3 +509,16 @@ class Decoder:
             )
             for text in texts
         ]
+
+
+class _BoundedDecoder(Decoder):
+    """A `Decoder` whose lines must be shorter than a datagram may be."""
+
+    __slots__ = ()
+
+    def record(self, data: bytes, now: float) -> bytes | None:
+        """As `Decoder.record`; a datagram longer than a line may be takes the general path,
+        which cuts its line."""
+        if len(data) > self.max_line_bytes:
+            return None
+        return super().record(data, now)

@@ -12,9 +12,12 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from tempesta_ts import netconsole
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
+from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import (
     MIN_BUFFER_TO_REST,
     READ_PAUSE_SECONDS,
@@ -107,6 +110,74 @@ class NetconsoleProtocolTests(unittest.TestCase):
         texts = [l.text for l in registry.get("192.0.2.1").buffer]
         self.assertEqual(texts, ["\\xff\\xfe\x00garbage"])
         self.assertEqual(stats["malformed_datagrams"], 1)
+
+
+class StrayInputTests(unittest.TestCase):
+    """Stray numbers and overlapping fragments over the protocol (issue 9, items 2 and 3a)."""
+
+    PANIC = b"Kernel panic - not syncing: Fatal exception in interrupt"
+
+    def make(self, buffer_max_bytes=10_000_000):
+        clock = task.Clock()
+        stats = Counter()
+        registry = BufferRegistry(100, 10_000, buffer_max_bytes, stats)
+        tracker = IncidentTracker(Rules(), clock, 5.0, 300.0, None, None, stats)
+        registry.observers.append(tracker.lines_added)
+        proto = NetconsoleProtocol(Intake(registry, clock, SourceFilter(()), stats))
+        return proto, registry, tracker, stats
+
+    def test_a_forged_sequence_number_hides_no_later_panic(self):
+        proto, registry, tracker, stats = self.make()
+        source = ("192.0.2.9", 6666)
+        for seq in range(100):
+            proto.datagramReceived(b"6,%d,%d,-;line %d\n" % (seq, 1_000_000 + seq, seq), source)
+        proto.datagramReceived(b"6,9999999999999999999,1010300,-;forged\n", source)
+        proto.datagramReceived(b"0,100,1010400,-;" + self.PANIC + b"\n", source)
+        instance = registry.get("192.0.2.9")
+        self.assertEqual([l.text for l in instance.buffer][-2:], ["forged", self.PANIC.decode()])
+        self.assertEqual(tracker.open_windows, 1)
+        self.assertEqual((instance.lost_messages, stats["duplicate_messages"]), (0, 0))
+
+    def test_the_lower_of_two_kernels_behind_one_address_is_heard(self):
+        proto, registry, tracker, stats = self.make()
+        source = ("192.0.2.9", 6666)
+        # The quieter kernel has numbered fewer messages, in a longer uptime.
+        for i in range(50):
+            proto.datagramReceived(b"6,%d,%d,-;high\n" % (9000 + i, 8_000_000_000 + i), source)
+            proto.datagramReceived(b"6,%d,%d,-;low\n" % (300 + i, 9_000_000_000 + i), source)
+        proto.datagramReceived(b"0,350,9000000100,-;" + self.PANIC + b"\n", source)
+        texts = [l.text for l in registry.get("192.0.2.9").buffer]
+        self.assertEqual(len(texts), 101)
+        self.assertEqual(texts[-1], self.PANIC.decode())
+        self.assertEqual(tracker.open_windows, 1)
+
+    def test_overlapping_fragments_from_one_source_stay_bounded(self):
+        limit = 32 * 1024
+        proto, registry, _, stats = self.make(buffer_max_bytes=limit)
+        source = ("192.0.2.9", 6666)
+        held = 0
+        for seq in range(16):
+            for offset in range(200):
+                gram = b"4,%d,1000,-,ncfrag=%d/65000;" % (seq, offset) + b"x" * 64_000
+                proto.datagramReceived(gram, source)
+                held = max(held, registry.get("192.0.2.9").decoder.pending_bytes)
+        registry.flush(1.0)
+        instance = registry.get("192.0.2.9")
+        self.assertLessEqual(held, netconsole.MAX_PENDING_BYTES)
+        # Each message kept incomplete, cut to the buffer; the buffer holds the newest.
+        self.assertEqual((stats["lines"], stats["long_lines_cut"]), (16, 16))
+        self.assertLessEqual(max(len(l.text.encode()) for l in instance.buffer), limit)
+        self.assertLessEqual(instance.buffer.bytes, limit)
+        self.assertTrue(all(l.text.endswith(" bytes cut]") for l in instance.buffer))
+
+    def test_a_datagram_longer_than_the_buffer_leaves_a_cut_line(self):
+        proto, registry, _, stats = self.make(buffer_max_bytes=4096)
+        for gram in (b"6,1,1000,-;" + b"e" * 40_000 + b"\n", b"p" * 40_000 + b"\n"):
+            proto.datagramReceived(gram, ("192.0.2.9", 6666))
+            (line,) = list(registry.get("192.0.2.9").buffer)[-1:]
+            self.assertEqual(len(line.text), 4096)
+            self.assertTrue(line.text.endswith(" [line of 40000 bytes cut]"))
+        self.assertEqual(stats["long_lines_cut"], 2)
 
 
 class ReceiveBufferTests(unittest.TestCase):
