@@ -195,7 +195,8 @@ class Reporter(service.Service):
     # -- submit -----------------------------------------------------------------------------
 
     def submit(self, report: dict) -> defer.Deferred:
-        """Fire with the SpooledReport once the report is on disk; its delivery begins."""
+        """Fire with the SpooledReport once the report is on disk, or held in memory while the
+        disk refuses it (delivered from there all the same); its delivery begins."""
         try:
             entry = self.spool.write(report)
         except ReportTooLarge:
