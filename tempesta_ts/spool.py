@@ -38,6 +38,9 @@ HELD_RETRY_SECONDS = 5.0
 #: Bytes written to tmp/ (and removed) to see whether the disk takes writes again, once the
 #: reports held have all left memory: an empty file would fit on a full disk.
 PROBE_BYTES = 4096
+#: Reports held in memory written at one tick of the retry timer: each is fsynced, and the
+#: reactor (the UDP hot path) must not wait for hundreds of them at once.
+HELD_WRITES_PER_TICK = 64
 #: Files moved to corrupt/ named one a line at each start; the rest in one more line.
 CORRUPT_LINES = 10
 
@@ -242,8 +245,7 @@ class Spool:
         created = self.clock.seconds()
         path, error = self._try_write(self.pending_dir, file_name(created, report_id), body)
         if error is not None:
-            entry = self._hold(SpooledReport(report_id, path, len(body), created, True), body,
-                               error)
+            entry = self._hold(SpooledReport(report_id, path, len(body), created, True), body)
         else:
             entry = SpooledReport(report_id, path, len(body), created)
             self._add(entry)
@@ -264,7 +266,7 @@ class Spool:
         if error is None:
             return SpooledReport(report_id, path, len(body), created)
         self._refuse_if_too_large(report_id, len(body))
-        entry = self._hold(SpooledReport(report_id, path, len(body), created, True), body, error)
+        entry = self._hold(SpooledReport(report_id, path, len(body), created, True), body)
         self._enforce(keep=entry)
         return entry
 
@@ -295,7 +297,7 @@ class Spool:
 
     # -- reports held in memory -------------------------------------------------------------
 
-    def _hold(self, entry: SpooledReport, body: bytes, error: OSError) -> SpooledReport:
+    def _hold(self, entry: SpooledReport, body: bytes) -> SpooledReport:
         self._held[entry.report_id] = body
         self._held_bytes += entry.size
         self._add(entry)
@@ -325,14 +327,16 @@ class Spool:
         if self._write_error is None:
             return
         self.log.info(
-            "{path} takes writes again ({seconds:.0f} s after the first failure); no report held "
-            "in memory", path=self.directory, seconds=self.clock.seconds() - self.degraded_since)
+            "{path} takes writes again, {seconds:.0f} s after the first refused write; no report "
+            "is held in memory any more", path=self.directory,
+            seconds=self.clock.seconds() - self.degraded_since)
         self._write_error = self.degraded_since = self._noticed_at = None
         self._unnoticed = 0
 
-    def _arm_retry(self) -> None:
+    def _arm_retry(self, delay: float | None = None) -> None:
         if self._retry is None or not self._retry.active():
-            self._retry = self.clock.callLater(self.retry_interval, self._retry_writes)
+            delay = self.retry_interval if delay is None else delay
+            self._retry = self.clock.callLater(delay, self._retry_writes)
 
     def _cancel_retry(self) -> None:
         if self._retry is not None and self._retry.active():
@@ -342,20 +346,24 @@ class Spool:
     def _retry_writes(self) -> None:
         # A timer body: never raises.
         self._retry = None
+        written = 0
         try:
-            self.write_held()
+            written = self.write_held(limit=HELD_WRITES_PER_TICK)
         except Exception:
             self.stats["spool_errors"] += 1
             self.log.failure("Unexpected error writing the reports held in memory")
-        if self._write_error is not None:
+        if self._held and written == HELD_WRITES_PER_TICK:
+            self._arm_retry(0)  # the disk takes them: the rest at the next turn of the reactor
+        elif self._write_error is not None:
             self._arm_retry()
 
-    def write_held(self) -> int:
-        """Write the reports held in memory, oldest first, until the disk refuses one; with
-        none held, see whether the disk takes a write again. The number written."""
+    def write_held(self, limit: int | None = None) -> int:
+        """Write the reports held in memory, oldest first, until the disk refuses one (or
+        `limit` are written); with none held, see whether the disk takes a write again. The
+        number written."""
         written = 0
         held = [e for e in self._entries if e.held]
-        for entry in held:
+        for entry in held[:limit]:
             body = self._held[entry.report_id]
             directory, name = os.path.split(entry.path)
             path, error = self._try_write(directory, name, body)

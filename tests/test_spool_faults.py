@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from tempesta_ts.degraded import Degradations
 from tempesta_ts.sinks import LocalReports
-from tempesta_ts.spool import HELD_RETRY_SECONDS, Spool, write_durably
+from tempesta_ts.spool import HELD_RETRY_SECONDS, HELD_WRITES_PER_TICK, Spool, write_durably
 from tests.test_metrics import ServerCase, samples, value
 from tests.test_reporter import EPOCH, Answer, FakeSupport, ReporterTestCase, report, \
     report_of_size
@@ -178,6 +178,21 @@ class HeldInMemoryTests(FaultCase):
         self.successResultOf(rep.stopService())  # before the retry timer: written at the stop
         self.assertEqual(self.stats["reports_lost"], 0)
         self.assertEqual(len(self.files("pending")), 1)
+
+    def test_many_held_reports_are_written_a_batch_at_a_time(self):
+        spool = self.spool()
+        self.disk.full = True
+        for n in range(HELD_WRITES_PER_TICK + 6):
+            spool.write(report(n + 1))
+        self.disk.full = False
+        self.assertEqual(spool.write_held(limit=HELD_WRITES_PER_TICK), HELD_WRITES_PER_TICK)
+        self.assertEqual(spool.held, 6)
+        self.assertEqual(spool.degraded, f"{ENOSPC}; 6 reports held in memory")
+        self.clock.advance(HELD_RETRY_SECONDS)  # the timer goes on until none is left
+        self.assertEqual(spool.held, 0)
+        self.assertEqual(len(self.files("pending")), HELD_WRITES_PER_TICK + 6)
+        self.assertIsNone(spool.degraded)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_read_only_disk_is_held_the_same(self):
         self.disk.error = errno.EROFS
