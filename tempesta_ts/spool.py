@@ -314,13 +314,14 @@ class Spool:
         if self._noticed_at is not None and now - self._noticed_at < NOTICE_INTERVAL:
             self._unnoticed += 1
             return
+        since = (f" ({self._unnoticed} more failed writes since the last notice)"
+                 if self._noticed_at is not None else "")
         self.log.error(
             "Cannot write {name} to {path}: {reason}; reports are held in memory (within "
             "spool_max_bytes) and written as soon as the disk lets them, tried every "
-            "{interval:g} s ({unnoticed} more failed writes since the last notice); free space "
-            "in spool_dir",
+            "{interval:g} s{since}; free space in spool_dir",
             name=name, path=directory, reason=self._write_error, interval=self.retry_interval,
-            unnoticed=self._unnoticed)
+            since=since, unnoticed=self._unnoticed)
         self._noticed_at, self._unnoticed = now, 0
 
     def _recovered(self) -> None:
