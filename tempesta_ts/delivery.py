@@ -155,11 +155,13 @@ def parse_retry_after(value: bytes | None, now: float) -> float | None:
 
 
 class _BodyQuote(Protocol):
-    """Reads an answer's body to its end, keeping only its first bytes."""
+    """Reads an answer's body to its end, keeping only its first bytes. With `lenient`, a body
+    cut short ends the read as well as a whole one."""
 
-    def __init__(self, finished: defer.Deferred, limit: int) -> None:
+    def __init__(self, finished: defer.Deferred, limit: int, lenient: bool) -> None:
         self.finished = finished
         self.limit = limit
+        self.lenient = lenient
         self.kept = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -167,22 +169,31 @@ class _BodyQuote(Protocol):
             self.kept += data[: self.limit - len(self.kept)]
 
     def connectionLost(self, reason=None) -> None:
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+        if self.finished.called:
+            return  # cancelled (the attempt's deadline): the connection is aborted after
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss) or self.lenient:
             self.finished.callback(self.kept)
         else:
             self.finished.errback(reason)
 
 
 def read_quote(response, limit: int = QUOTE_BYTES) -> defer.Deferred:
-    """Fire with the first `limit` bytes of the body once it is all read; cancel aborts it."""
+    """Fire with the first `limit` bytes of the body once it is all read; cancel aborts it.
+
+    A 2xx answer is a delivery whatever its body: one cut short (the server hung up) or
+    cancelled (a body that trickles past the deadline) fires with what was read.
+    """
     reader: _BodyQuote | None = None
+    delivered = 200 <= response.code < 300
 
     def cancel(d: defer.Deferred) -> None:
         if reader is not None and reader.transport is not None:
             reader.transport.stopProducing()
+        if delivered and not d.called:
+            d.callback(reader.kept if reader is not None else b"")
 
     finished = defer.Deferred(cancel)
-    reader = _BodyQuote(finished, limit)
+    reader = _BodyQuote(finished, limit, lenient=delivered)
     response.deliverBody(reader)
     return finished
 

@@ -95,7 +95,13 @@ COUNTERS = (
      "Reports refused for good by the Support Server (400, 413, 422), kept in rejected/."),
     ("reports_dropped", "reports_dropped",
      "Reports dropped from the spool by spool_max_bytes, or alone larger than it."),
-    ("reports_lost", "reports_lost", "Reports that could not be written to disk at all."),
+    ("reports_lost", "reports_lost",
+     "Reports neither written to disk nor held in memory, or still held at the stop."),
+    ("spool_write_errors", "spool_write_errors",
+     "Writes to spool_dir that failed (a full or failing disk); the reports are held in memory "
+     "and the write is retried."),
+    ("spool_corrupt_files", "spool_corrupt_files",
+     "Files of spool_dir/pending/ that were no valid report at start, moved to corrupt/."),
 )
 
 #: stats key -> the ``part`` label of tempesta_ts_errors_total.
@@ -305,6 +311,11 @@ class ServerCollector(Collector):
         )
         yield GaugeMetricFamily(
             PREFIX + "reports_in_flight", "Deliveries under way.", value=in_flight
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "reports_held_in_memory",
+            "Reports the disk refused, held in memory (within spool_max_bytes) until written.",
+            value=spool.held,
         )
         yield GaugeMetricFamily(
             PREFIX + "spool_bytes", "Bytes of the reports waiting in the spool.", value=spool.bytes

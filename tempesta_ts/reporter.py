@@ -77,6 +77,8 @@ class _Attempt:
         self.timer = None
         self.timed_out = False
         self.abandoned = False
+        #: Its outcome was taken (its slot freed): a late result is ignored.
+        self.ended = False
 
 
 @implementer(IReportSink)
@@ -186,7 +188,7 @@ class Reporter(service.Service):
     def _abandon_in_flight(self) -> None:
         for attempt in list(self._in_flight.values()):
             attempt.abandoned = True
-            attempt.deferred.cancel()
+            self._cancel(attempt)
 
     def _close(self) -> defer.Deferred:
         self.spool.release()
@@ -195,7 +197,8 @@ class Reporter(service.Service):
     # -- submit -----------------------------------------------------------------------------
 
     def submit(self, report: dict) -> defer.Deferred:
-        """Fire with the SpooledReport once the report is on disk; its delivery begins."""
+        """Fire with the SpooledReport once the report is on disk, or held in memory while the
+        disk refuses it (delivered from there all the same); its delivery begins."""
         try:
             entry = self.spool.write(report)
         except ReportTooLarge:
@@ -294,12 +297,26 @@ class Reporter(service.Service):
 
     def _time_out(self, attempt: _Attempt) -> None:
         attempt.timed_out = True
-        attempt.deferred.cancel()
+        self._cancel(attempt)
+
+    def _cancel(self, attempt: _Attempt) -> None:
+        try:
+            attempt.deferred.cancel()
+        except Exception:
+            self.log.failure("Cancelling the request of report {report_id} failed",
+                             report_id=attempt.entry.report_id)
+        if not attempt.ended:
+            # A request that ignores its cancellation must not keep its slot for ever.
+            self._finished(Failure(defer.CancelledError()), attempt)
 
     def _finished(self, result, attempt: _Attempt) -> None:
+        if attempt.ended:
+            return
+        attempt.ended = True
         entry = attempt.entry
         try:
-            self._in_flight.pop(entry.report_id, None)
+            if self._in_flight.get(entry.report_id) is attempt:
+                del self._in_flight[entry.report_id]
             if attempt.timer is not None and attempt.timer.active():
                 attempt.timer.cancel()
             if isinstance(result, Failure):

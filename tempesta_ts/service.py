@@ -17,6 +17,7 @@ from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry, Instance, SystemInfo
 from tempesta_ts.config import Config
+from tempesta_ts.degraded import Degradations
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
@@ -160,6 +161,10 @@ class TroubleshootingService(service.MultiService):
             max_connections_per_source=config.tcp_max_connections_per_source,
         )
         self.spool = Spool.of(config, self.stats, reactor)
+        # What works less well than it should, and why (/status.json "degraded"): other parts
+        # join with watch(name, component), the component having a `degraded` property.
+        self.degradations = Degradations()
+        self.degradations.watch("spool", self.spool)
         # Where finished reports go: written locally (stand-alone), or delivered.
         self.reporter: Reporter | None = None
         if config.standalone:

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from tempesta_ts.log import get_logger
-from tempesta_ts.spool import Spool
+from tempesta_ts.spool import ReportTooLarge, Spool
 
 #: How many ended reports a sink remembers for the status page.
 MAX_OUTCOMES = 4096
@@ -27,7 +27,8 @@ class IReportSink(IService):
 
     def submit(report):
         """Take a report (the body of docs/support-api.md, a dict); the Deferred fires once the
-        report is kept on disk, or fails when it cannot be (counted and logged already)."""
+        report is kept (on disk, or in memory until the disk lets it be written), or fails when
+        it cannot be (counted and logged already)."""
 
     def state_of(report_id):
         """One word for a report handed over: pending, delivered, rejected, written, or
@@ -81,6 +82,7 @@ class LocalReports(service.Service):
         # The spool is opened all the same: its lock keeps the processes of reuse_port apart,
         # and what a run with a Support Server left is pointed out.
         waiting = self.spool.open()
+        self.spool.on_written_local = self._written
         super().startService()
         if waiting:
             self.log.warn(
@@ -96,13 +98,21 @@ class LocalReports(service.Service):
         return defer.succeed(None)
 
     def submit(self, report: dict) -> defer.Deferred:
-        """Fire with the path of the file written."""
+        """Fire with the path of the file written, or to be written once the disk lets it
+        (the report is held in memory meanwhile)."""
         report_id = report.get("report_id")
         try:
-            path = self.spool.write_local(report)
+            entry = self.spool.write_local(report)
+        except ReportTooLarge:
+            return defer.fail()  # neither written nor held: the spool counted and logged it
         except (OSError, ValueError) as e:
             write_failed(self.log, self.stats, report_id, self.spool.directory, e)
             return defer.fail()
+        if not entry.held:
+            self._written(report_id, entry.path)
+        return defer.succeed(entry.path)
+
+    def _written(self, report_id: str, path: str) -> None:
         self.stats["reports_written_local"] += 1
         self._outcomes.ended(report_id, "written")
         self.log.info(
@@ -110,10 +120,10 @@ class LocalReports(service.Service):
             report_id=report_id,
             path=path,
         )
-        return defer.succeed(path)
 
     def state_of(self, report_id: str) -> str:
-        """written, pending (left in pending/ by a run with a Support Server) or unknown."""
+        """written, pending (held in memory until the disk lets it be written, or left in
+        pending/ by a run with a Support Server) or unknown."""
         if self.spool.get(report_id) is not None:
             return "pending"
         return self._outcomes.get(report_id)

@@ -230,12 +230,13 @@ class IncidentTracker:
             return result
 
         def failed(failure):
+            # The sink has said why in the log already: one line here, no traceback.
             self.stats["reports_lost"] += 1
-            self.log.failure(
-                "Could not write the report {report_id} of {instance}",
-                failure,
+            self.log.error(
+                "Report {report_id} of {instance} is lost: {why}",
                 report_id=report["report_id"],
                 instance=address,
+                why=failure.getErrorMessage(),
             )
 
         d.addBoth(done).addErrback(failed)

@@ -157,7 +157,13 @@ def spool_status(server) -> dict[str, Any]:
         "last_error_kind": reporter.last_error_kind if reporter is not None else None,
         "max_bytes": spool.max_bytes,
         "settling": server.tracker.open_windows,
+        "held": spool.held,
     }
+
+
+def degraded_status(server, now: float) -> list[dict[str, Any]]:
+    """What is degraded and why, since when (ISO 8601), as /status.json shows it."""
+    return [dict(d, since=iso(d["since"])) for d in server.degradations.current(now)]
 
 
 def status_document(server, started_at: float, now: float) -> dict[str, Any]:
@@ -178,6 +184,7 @@ def status_document(server, started_at: float, now: float) -> dict[str, Any]:
         "counters": counters(server.registry.counters()),
         "instances": [instance_status(i, tracker, sink) for i in instances],
         "spool": spool_status(server),
+        "degraded": degraded_status(server, now),
     }
 
 
@@ -281,6 +288,9 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
             ("Mode", mode),
             ("Started", _e(_when(started_at, now))),
             ("Now", _e(iso(now))),
+            ("Degraded", "; ".join(
+                f"{_e(d['what'])}: {_e(d['why'])} (since {_e(d['since'])})"
+                for d in degraded_status(server, now)) or "no"),
         ]),
         "</table>\n<h2>Reports</h2>\n<table>\n",
         _rows([
@@ -289,6 +299,7 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
             ("Spool bytes", f"{_e(spool['bytes'])} of {_e(spool['max_bytes'])}"),
             ("Oldest pending", _e(_when(server.spool.oldest_created, now))),
             ("In flight", _e(spool["in_flight"])),
+            ("Held in memory (the disk refuses them)", _e(spool["held"])),
             ("Last error", _e(spool["last_error"])),
         ]),
         "</table>\n",

@@ -134,7 +134,7 @@ class SpoolLinkTests(ReporterTestCase):
             self.assertEqual(json.loads(f.read()), report(1))
         self.assertEqual(mode_of(entry.path), 0o600)
         local = spool.write_local(report(2))
-        self.assertEqual(mode_of(local), 0o600)
+        self.assertEqual(mode_of(local.path), 0o600)
         self.assertEqual(os.listdir(spool.tmp_dir), [name + ".tmp"])
 
 

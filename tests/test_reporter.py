@@ -509,7 +509,9 @@ class FlowTests(ReporterTestCase):
         self.stub.flush()
         self.assertEqual(self.support.keys(), [report(n)["report_id"].encode() for n in (3, 1, 2)])
         self.assertEqual(self.stats["reports_delivered"], 3)
-        self.assertEqual(self.pending_files(), ["README"])
+        # The stranger is no report: set aside in corrupt/, never sent.
+        self.assertEqual(self.pending_files(), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool_dir, "corrupt")), ["README"])
         self.assertEqual(os.listdir(os.path.join(self.spool_dir, "tmp")), [])
         self.assertTrue(any("3 reports" in t for t in self.texts(LogLevel.info)))
 
