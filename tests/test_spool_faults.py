@@ -16,8 +16,7 @@ from tempesta_ts.degraded import Degradations
 from tempesta_ts.sinks import LocalReports
 from tempesta_ts.spool import HELD_RETRY_SECONDS, HELD_WRITES_PER_TICK, Spool, write_durably
 from tests.test_metrics import ServerCase, samples, value
-from tests.test_reporter import EPOCH, Answer, FakeSupport, ReporterTestCase, report, \
-    report_of_size
+from tests.test_reporter import EPOCH, Answer, FakeSupport, ReporterTestCase, report, report_of_size
 
 ENOSPC = os.strerror(errno.ENOSPC)
 
