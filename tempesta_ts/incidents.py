@@ -30,17 +30,29 @@ _TEMPESTA = r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] "
 
 _LOWER = "abcdefghijklmnopqrstuvwxyz"
 
+# The reports of kernel/locking/lockdep.c. Since 4.14 each header starts with "WARNING: ";
+# before, with "[ INFO: " (the same reports) or "[ BUG: " (rule lockdep-bug); "Invalid wait
+# context" still prints "[ BUG: ".
+_LOCKDEP = (
+    r"possible (?:circular locking dependency|recursive locking|irq lock inversion dependency)"
+    r"|inconsistent lock state|bad unlock balance|bad contention|held lock freed"
+    r"|lock held when returning to user space|[Nn]ested lock was not taken"
+    r"|\S+-safe -> \S+-unsafe lock order|.+ still has locks held!|chain_key collision"
+)
+
 #: The built-in rules, tried in this order (the first that matches names the incident):
-#: (rule, kind, the characters a matching line can start with, pattern matched at its start).
+#: (rule, kind, the characters a matching header can start with, pattern matched at its start).
 RULES: tuple[tuple[str, str, str, str], ...] = (
     ("sysrq-crash", "crash", "sS", r"(?:sysrq: |SysRq : )Trigger a crash"),
     ("kernel-panic", "crash", "K", r"Kernel panic\b"),
+    # x86 exc_double_fault(): this line, then die("double fault") and panic("Machine halted.").
+    ("double-fault", "crash", "P", r"PANIC: double fault\b"),
     # die()'s header on x86, "<trap>: <error code> [#<count>]", "Oops: " before it from 6.10.
     (
         "trap",
         "oops",
         _LOWER + "O",
-        r"(?:Oops: )?[a-z][a-z0-9 ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
+        r"(?:Oops: )?[a-z][a-z0-9_ ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
     ),
     ("oops", "oops", "O", r"Oops(?::| -| \[#)"),
     ("internal-error", "oops", "I", r"Internal error: "),
@@ -51,6 +63,9 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
         "SB",
         r"(?:SError Interrupt on CPU\d|Bad mode in .+ handler detected)",
     ),
+    # x86 (and powerpc) page faults in the kernel: "Oops:" follows, as on arm64 it follows
+    # "Unable to handle kernel ...".
+    ("page-fault", "oops", "B", r"BUG: (?:[Kk]ernel NULL pointer dereference|[Uu]nable to handle )"),
     ("kernel-bug", "bug", "kK", r"[Kk]ernel BUG at "),
     ("soft-lockup", "bug", "NwB", r"(?:(?:NMI )?watchdog: )?BUG: soft lockup\b"),
     (
@@ -61,39 +76,79 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
         r"|Watchdog CPU:\d+ (?:detected )?Hard LOCKUP)",
     ),
     ("kasan", "bug", "B", r"BUG: KASAN: "),
+    ("kmsan", "bug", "B", r"BUG: KMSAN: "),
+    ("kcsan", "bug", "B", r"BUG: KCSAN: "),
     ("kfence", "bug", "B", r"BUG: KFENCE: "),
-    ("page-fault", "bug", "B", r"BUG: (?:kernel NULL pointer dereference|unable to handle )"),
     ("atomic-sleep", "bug", "B", r"BUG: (?:sleeping function called|scheduling while atomic)"),
     ("workqueue-lockup", "bug", "B", r"BUG: workqueue lockup\b"),
+    # mm/kmemleak.c with kmemleak.verbose=1 (pr_fmt "kmemleak: "); syzkaller's executor prints
+    # "BUG: memory leak" before the objects it reads from /sys/kernel/debug/kmemleak.
+    (
+        "memory-leak",
+        "bug",
+        "Bku",
+        r"(?:BUG: memory leak\b|(?:kmemleak: )?unreferenced object 0x[0-9a-f]+ \(size \d+\):)",
+    ),
     ("bug", "bug", "B", r"BUG: "),
-    # SLUB's debug reports: "BUG kmalloc-128 (Not tainted): Redzone overwritten".
-    ("slab-corruption", "bug", "B", r"BUG [\w.:-]+ \((?:Not tainted|Tainted: [^)]*)\): "),
+    # SLUB's debug reports ("BUG kmalloc-128 (Not tainted): Redzone overwritten"), SLAB's.
+    (
+        "slab-corruption",
+        "bug",
+        "BS",
+        r"(?:BUG [\w.:-]+|Slab corruption) \((?:Not tainted|Tainted: [^)]*)\): ",
+    ),
     ("ubsan", "bug", "U", r"UBSAN: "),
-    ("hung-task", "bug", "I", r"INFO: task .+ blocked (?:in I/O wait )?for more than \d+ seconds"),
+    (
+        "hung-task",
+        "bug",
+        "I",
+        r"INFO: task .+ (?:blocked (?:in I/O wait )?for more than \d+ seconds"
+        r"|can't die for more than )",
+    ),
     (
         "rcu-stall",
         "bug",
         "rI",
         r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b",
     ),
+    # net/core/dev.c netdev_wait_allrefs(): a device's reference count never drops (a leak).
+    ("netdev-refcount", "bug", "u", r"unregister_netdevice: waiting for \S+ to become free\b"),
+    # fs/open.c filp_close() and fs/super.c generic_shutdown_super(): use-after-free signs.
+    ("vfs", "bug", "V", r"VFS: (?:Close: file count is 0|Busy inodes after unmount)\b"),
+    ("lockdep-bug", "bug", "[", r"\[ BUG: "),
     ("tempesta-error", "error", "[", _TEMPESTA + r"(?:ERROR|Error): "),
     ("tempesta-warning", "warning", "[", _TEMPESTA + r"(?:Warning|WARNING): "),
-    ("kernel-warning", "warning", "W", r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )"),
+    # kernel/panic.c __warn(): "WARNING: CPU: 1 PID: 42 at file:line func" (3.11 to 6.18),
+    # "WARNING: file:line at func, CPU#1: comm/42" (6.19), "WARNING: at ..." (older, or no file).
     (
-        "lockdep",
+        "kernel-warning",
         "warning",
-        "W[",
-        r"(?:WARNING: |\[ INFO: )(?:possible (?:circular locking dependency|recursive locking"
-        r"|irq lock inversion dependency)|inconsistent lock state|bad unlock balance"
-        r"|held lock freed|lock held when returning to user space|nested lock was not taken"
-        r"|\S+-safe -> \S+-unsafe lock order)",
+        "W",
+        r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )",
     ),
-    ("suspicious-rcu", "warning", "W[", r"(?:WARNING: |\[ INFO: )suspicious RCU usage"),
+    ("lockdep", "warning", "WI[", r"(?:WARNING: |\[ INFO: |INFO: )(?:" + _LOCKDEP + ")"),
+    (
+        "suspicious-rcu",
+        "warning",
+        "WI[",
+        r"(?:WARNING: |\[ INFO: |INFO: )suspicious (?:RCU|rcu_dereference_check\(\)) usage",
+    ),
+    # lockdep's register_lock_class(): a lock used before it was initialised.
+    ("non-static-key", "warning", "I", r"INFO: trying to register non-static key\b"),
+    # arch/x86/kernel/unwind_frame.c: a corrupted stack.
+    ("unwinder", "warning", "W", r"WARNING: kernel stack (?:regs|frame pointer) at "),
     # The vendor's check that the whole path works: echo "WARNING test message" > /dev/kmsg.
     ("test-message", "warning", "W", r"WARNING test message\b"),
-    ("warning", "warning", "W", r"WARNING\b"),
 )
 
+#: What may come before a header: blanks and CONFIG_PRINTK_CALLER's "[  T123]" or "[    C1]".
+LEAD = r"(?:[ \t]+|\[[ \t]*[TC]\d+\])+"
+_LEAD = re.compile(LEAD)
+#: A console time stamp (and caller id) inside a line: the console merged another writer's
+#: unfinished line ("syzkaller login: [   16.305150] INFO: ...", "** 5311 printk messages
+#: dropped ** [   60.130000] ...") with a kernel line.
+STAMP = r"\[[ \t]*\d+\.\d+\](?:\[[ \t]*[TC]\d+\])?[ \t]*"
+_STAMP = re.compile(STAMP)
 # With CONFIG_PRINTK_CALLER the console puts "[  T123] " or "[    C1] " after the time stamp.
 _CALLER = re.compile(r"\[\s*[TC]\d+\] ?")
 _END_MARKER = re.compile(r"-{2,}\[ end (?:trace\b|Kernel panic\b)")
@@ -140,16 +195,23 @@ LineFilter = tuple[tuple[bytes, re.Pattern] | None, ...]
 
 
 def _bytes_filter() -> LineFilter:
-    # The same alternations as bytes patterns, indexed by a line's first byte; a caller prefix
-    # ("[  T123] ") lets any line through. For ASCII text a bytes pattern matches exactly
-    # where its str twin does.
+    # The same alternations as bytes patterns, indexed by a line's first byte. A line that
+    # starts with blanks or a caller id ("[  T123] ") passes if a header follows them. For
+    # ASCII text a bytes pattern matches exactly where its str twin does. A header after a
+    # time stamp inside a line is not looked for: the decoder gives such lines, which start
+    # without a time stamp of their own, to the general path, where every line is seen.
     table: list[tuple[bytes, re.Pattern] | None] = [None] * 256
-    for character, group in _rules_by_first_character().items():
+    every = "|".join(f"(?:{pattern})" for _, _, _, pattern in RULES)
+    after_lead = f"(?:{LEAD})(?:{every})"
+    groups = _rules_by_first_character()
+    for character in " \t":
+        groups.setdefault(character, [])
+    for character, group in groups.items():
         alternatives = [pattern for _, _, pattern in group]
         required = {REQUIRED_TEXT.get(rule) for rule, _, _ in group}
         needle = required.pop() if len(required) == 1 and None not in required else ""
-        if character == "[":
-            alternatives.insert(0, _CALLER.pattern)
+        if character in " \t[":
+            alternatives.insert(0, after_lead)
             needle = ""
         pattern = re.compile("|".join(f"(?:{p})" for p in alternatives).encode())
         table[ord(character)] = (needle.encode(), pattern)
@@ -166,15 +228,36 @@ def _without_caller(text: str) -> str:
     return text
 
 
-def _builtin(text: str) -> Detection | None:
-    # _without_caller inlined: this runs on every line received.
-    if text.startswith("[") and (caller := _CALLER.match(text)):
-        text = text[caller.end() :]
-    entry = _DISPATCH.get(text[:1])
+def _header_at(text: str, start: int) -> Detection | None:
+    entry = _DISPATCH.get(text[start : start + 1])
     if entry is None:
         return None
-    m = entry[0].match(text)
+    m = entry[0].match(text, start)
     return None if m is None else entry[1][m.lastindex - 1]
+
+
+def find_header(text: str) -> tuple[int, Detection] | None:
+    """Where in a line the header of a built-in rule starts, and that rule's detection.
+
+    The header is at the start, after blanks or a caller id, or after a console time stamp
+    inside the line (a merged line); None when no built-in rule matches.
+    """
+    # Most lines are decided by the first look-up; the rest only for the rare line that
+    # starts with a blank or "[", or that holds "] " at all.
+    entry = _DISPATCH.get(text[:1])
+    if entry is not None and (m := entry[0].match(text)) is not None:
+        return 0, entry[1][m.lastindex - 1]
+    if text[:1] in " \t[" and (lead := _LEAD.match(text)) is not None:
+        if (found := _header_at(text, lead.end())) is not None:
+            return lead.end(), found
+    if "] " in text:
+        for stamp in _STAMP.finditer(text):
+            start = stamp.end()
+            if (lead := _LEAD.match(text, start)) is not None:
+                start = lead.end()
+            if (found := _header_at(text, start)) is not None:
+                return start, found
+    return None
 
 
 class Rules:
@@ -192,21 +275,26 @@ class Rules:
     @property
     def line_filter(self) -> LineFilter | None:
         """Per first byte, what every ASCII line `detect` finds contains and matches at its
-        start (`LineFilter`); None with extra patterns, which may match anywhere. Lets the
-        hot path skip most lines without decoding them."""
+        start (`LineFilter`), except headers after a time stamp inside the line; None with
+        extra patterns, which may match anywhere. Lets the hot path skip most lines without
+        decoding them."""
         return None if self._extra else _BYTES_FILTER
 
     def detect(self, text: str) -> Detection | None:
         """The incident a log line starts, or None.
 
-        `text` is one kernel log line without the console's time stamp, as the decoder gives it.
+        `text` is one kernel log line without the console's time stamp, as the decoder gives it;
+        a time stamp further in (a merged line) is looked behind.
         """
+        found: Detection | None = None
         for pattern, detection in self._extra:
             if pattern.search(text):
                 found = detection
                 break
         else:
-            found = _builtin(text)
+            header = find_header(text)
+            if header is not None:
+                found = header[1]
         # Ignore patterns win; they are only worth running on the rare line that matched.
         if found is not None and any(pattern.search(text) for pattern in self._ignore):
             return None
@@ -246,7 +334,11 @@ def signature(kind: str, text: str) -> str:
     """The kind plus the line with numbers, addresses, CPUs, PIDs and task names masked.
 
     The same warning from another CPU, task or address has the same signature, so repeats fold.
+    A built-in rule's header is taken from where it starts: what a console merged in front of
+    it is not part of the incident.
     """
-    masked = _VARYING.sub(_mask, _without_caller(text)[: SIGNATURE_CHARS * 4])
+    header = find_header(text)
+    text = _without_caller(text) if header is None else text[header[0] :]
+    masked = _VARYING.sub(_mask, text[: SIGNATURE_CHARS * 4])
     masked = _SPACES.sub(" ", masked).strip()[:SIGNATURE_CHARS]
     return f"{kind}: {masked}"
