@@ -90,12 +90,15 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
         r"(?:BUG: memory leak\b|(?:kmemleak: )?unreferenced object 0x[0-9a-f]+ \(size \d+\):)",
     ),
     ("bug", "bug", "B", r"BUG: "),
-    # SLUB's debug reports ("BUG kmalloc-128 (Not tainted): Redzone overwritten"), SLAB's.
+    # mm/slub.c slab_bug(): "BUG kmalloc-128 (Not tainted): Redzone overwritten", before 3.x
+    # without the taint ("BUG kmalloc-64: Poison overwritten"), memcg caches named
+    # "kmalloc-256(0:<id>)"; mm/slab.c: "Slab corruption (Not tainted): kmalloc-64 start=...".
     (
         "slab-corruption",
         "bug",
         "BS",
-        r"(?:BUG [\w.:-]+|Slab corruption) \((?:Not tainted|Tainted: [^)]*)\): ",
+        r"(?:BUG [\w.:()-]+(?: \((?:Not tainted|Tainted: [^)]*)\))?"
+        r"|Slab corruption \((?:Not tainted|Tainted: [^)]*)\)): ",
     ),
     ("ubsan", "bug", "U", r"UBSAN: "),
     (

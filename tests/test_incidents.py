@@ -156,6 +156,12 @@ EXAMPLES = [
     ("BUG: using smp_processor_id() in preemptible [00000000] code: nginx/1234", "bug", "bug"),
     ("BUG: spinlock bad magic on CPU#0, swapper/0/1", "bug", "bug"),
     ("BUG kmalloc-128 (Not tainted): Redzone overwritten", "bug", "slab-corruption"),
+    ("BUG kmalloc-64: Poison overwritten", "bug", "slab-corruption"),
+    (
+        "BUG kmalloc-256(0:354604dd) (Tainted: GF           E  ------------  ): Objects remaining",
+        "bug",
+        "slab-corruption",
+    ),
     (
         "Slab corruption (Not tainted): kmalloc-64 start=ffff88003b7ba400, len=64",
         "bug",
@@ -805,6 +811,17 @@ class CorpusTests(unittest.TestCase):
             if first != (header["first"], header["expect"]):
                 wrong.append((os.path.basename(path), header["first"], header["expect"], first))
         self.assertEqual(wrong, [])
+
+    def test_every_rule_fires_on_a_real_log(self):
+        # Every built-in rule has a real log in the corpus (or, for the vendor's test line,
+        # a real capture) where it finds an incident line.
+        paths = crash_files() + [os.path.join(NETCONSOLE, "serial-console-boot.txt")]
+        fired = {
+            rule
+            for path in paths
+            for _, _, rule in incidents(Rules(), corpus_file(path)[1])
+        }
+        self.assertEqual({rule for rule, _, _, _ in RULES} - fired, set())
 
     def test_crash_corpus_covers_kinds_and_architectures(self):
         kinds = {corpus_file(path)[0]["expect"] for path in crash_files()}
