@@ -54,9 +54,11 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
         _LOWER + "O",
         r"(?:Oops: )?[a-z][a-z0-9_ ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
     ),
-    ("oops", "oops", "O", r"Oops(?::| -| \[#)"),
+    # die() elsewhere: "Oops: 0002 [#1]", "Oops - BUG [#1]", riscv's "Oops [#1]", mips' "Oops[#1]:".
+    ("oops", "oops", "O", r"Oops(?::| -| ?\[#)"),
     ("internal-error", "oops", "I", r"Internal error: "),
-    ("unable-to-handle", "oops", "U", r"Unable to handle kernel "),
+    # arm, arm64, riscv; mips puts "CPU <n> " before it.
+    ("unable-to-handle", "oops", "UC", r"(?:CPU \d+ )?Unable to handle kernel "),
     (
         "arm64-exception",
         "oops",

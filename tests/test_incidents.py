@@ -47,6 +47,7 @@ EXAMPLES = [
     ("Oops: 0002 [#1] PREEMPT SMP NOPTI", "oops", "oops"),
     ("Oops: 0000 [#1] SMP PTI", "oops", "oops"),
     ("Oops [#1]", "oops", "oops"),
+    ("Oops[#7]:", "oops", "oops"),
     ("general protection fault: 0000 [#1] SMP KASAN", "oops", "trap"),
     (
         "general protection fault, probably for non-canonical address 0xdffffc0000000000: 0000 [#1]"
@@ -76,6 +77,12 @@ EXAMPLES = [
     ),
     (
         "Unable to handle kernel paging request at virtual address ffff800012345678",
+        "oops",
+        "unable-to-handle",
+    ),
+    (
+        "CPU 0 Unable to handle kernel paging request at virtual address fffffff0, epc =="
+        " 8003ab3c, ra == 80036f64",
         "oops",
         "unable-to-handle",
     ),
