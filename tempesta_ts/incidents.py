@@ -28,6 +28,8 @@ KINDS = ("crash", "oops", "bug", "warning", "error")
 # reports of its checks, not module errors.
 _TEMPESTA = r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] "
 
+_TEMPESTA_START = re.compile(_TEMPESTA)
+
 _LOWER = "abcdefghijklmnopqrstuvwxyz"
 
 # The reports of kernel/locking/lockdep.c. Since 4.14 each header starts with "WARNING: ";
@@ -279,6 +281,11 @@ def find_header(text: str) -> tuple[int, Detection] | None:
         if (found := _header_at(text, start)) is not None:
             return start, found
     if "] " in text and (stamp := _AFTER_STAMP.search(text)) is not None:
+        # Not where a client's text can be: Tempesta's access log quotes the URI and the
+        # User-Agent after its banner, and the kernel quotes what it was given (comm="...").
+        before = text[: stamp.start()]
+        if '"' in before or _TEMPESTA_START.match(before):
+            return None
         found = _header_at(text, stamp.end())
         return None if found is None else (stamp.end(), found)
     return None

@@ -410,6 +410,11 @@ NOT_INCIDENTS = [
     "[tempesta fw] Initializing Tempesta FW kernel module...",
     "[tdb] Start Tempesta DB",
     '[tempesta fw] 127.0.0.1 "default" "GET /WARNING: CPU HTTP/1.1" 403 0 "-" "ERROR: x"',
+    # A client's text with a time stamp and a header in it: what a client sends never starts
+    # an incident, whichever path the line takes.
+    '[tempesta fw] 1.2.3.4 "default" "GET /[ 1.000000] BUG: x HTTP/1.1" 403 0 "-" "-"',
+    "[tempesta fw] Starting virtual host [ 1.000000] BUG: x",
+    'audit: type=1400 audit(1.2:3): apparmor="DENIED" comm="[ 1.000000] BUG: x"',
     "[tempesta sc] Verification passed with errors!",
     "[tempesta sc] OS configuration or hardware is not suitable/ (Total 2 errors)",
     "[tempesta sc] \t1. Current loaded kernel is not suitable with TFW: 6.1.0-56-amd64",
@@ -461,7 +466,9 @@ def naive(text: str) -> tuple[str, str] | None:
     if lead := _LEAD.match(text):
         starts.append(lead.end())
     for stamp in _STAMP.finditer(text):
-        starts.append(_LEAD.match(text, stamp.end()).end())
+        before = text[: stamp.start()]
+        if '"' not in before and not re.match(r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] ", before):
+            starts.append(_LEAD.match(text, stamp.end()).end())
     for start in starts:
         m = _NAIVE.match(text, start)
         if m is not None:
