@@ -7,10 +7,13 @@ opens one; the lines that follow (registers, call trace) belong to it until `is_
 quiet spell, which is the caller's business. `signature` names an incident so that repeats from
 other CPUs, tasks or addresses fold into one.
 
-Every built-in rule is anchored at the start of the line, where the kernel puts these headers:
-text in the middle of a line (an access log's URI, "error" in a driver's message, Spectre's
-"WARNING: Unprivileged eBPF ...") never starts an incident. docs/incidents.md lists the rules,
-where each shape comes from and the corpus they are measured on. Pure code: no Twisted.
+Every built-in rule is anchored where the kernel puts these headers: at the start of the line,
+after blanks and caller ids, or after a console time stamp inside the line (a console merged
+another writer's unfinished line with the kernel's). Other text in the middle of a line (an
+access log's URI, "error" in a driver's message, Spectre's "WARNING: Unprivileged eBPF ...")
+never starts an incident, and neither does a line that merely starts with the word WARNING.
+docs/incidents.md lists the rules, where each shape comes from and the corpus they are
+measured on. Pure code: no Twisted.
 """
 
 from __future__ import annotations
@@ -277,7 +280,14 @@ def find_header(text: str) -> tuple[int, Detection] | None:
     if entry is not None and (not entry[2] or entry[2] in text):
         if (m := entry[0].match(text)) is not None:
             return 0, entry[1][m.lastindex - 1]
-    if first in " \t[" and (start := _LEAD.match(text).end()):
+    if first == " " or first == "\t":
+        # Blanks first (call trace lines): strip them without a pattern.
+        start = len(text) - len(text.lstrip(" \t"))
+        if text[start : start + 1] == "[":
+            start = _LEAD.match(text, start).end()
+        if (found := _header_at(text, start)) is not None:
+            return start, found
+    elif first == "[" and (start := _LEAD.match(text).end()):
         if (found := _header_at(text, start)) is not None:
             return start, found
     if "] " in text and (stamp := _AFTER_STAMP.search(text)) is not None:
