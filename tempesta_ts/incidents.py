@@ -72,7 +72,12 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
     ),
     # x86 (and powerpc) page faults in the kernel: "Oops:" follows, as on arm64 it follows
     # "Unable to handle kernel ...".
-    ("page-fault", "oops", "B", r"BUG: (?:[Kk]ernel NULL pointer dereference|[Uu]nable to handle )"),
+    (
+        "page-fault",
+        "oops",
+        "B",
+        r"BUG: (?:[Kk]ernel NULL pointer dereference|[Uu]nable to handle )",
+    ),
     ("kernel-bug", "bug", "kK", r"[Kk]ernel BUG at "),
     ("soft-lockup", "bug", "NwB", r"(?:(?:NMI )?watchdog: )?BUG: soft lockup\b"),
     (

@@ -459,6 +459,7 @@ def healthy_files() -> list[str]:
 _NAIVE = re.compile("|".join(f"({pattern})" for _, _, _, pattern in RULES))
 _LEAD = re.compile(LEAD)
 _STAMP = re.compile(STAMP)
+_TEMPESTA = re.compile(r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] ")
 
 
 def naive(text: str) -> tuple[str, str] | None:
@@ -467,7 +468,7 @@ def naive(text: str) -> tuple[str, str] | None:
         starts.append(lead.end())
     for stamp in _STAMP.finditer(text):
         before = text[: stamp.start()]
-        if '"' not in before and not re.match(r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] ", before):
+        if '"' not in before and not _TEMPESTA.match(before):
             starts.append(_LEAD.match(text, stamp.end()).end())
     for start in starts:
         m = _NAIVE.match(text, start)
