@@ -7,10 +7,13 @@ opens one; the lines that follow (registers, call trace) belong to it until `is_
 quiet spell, which is the caller's business. `signature` names an incident so that repeats from
 other CPUs, tasks or addresses fold into one.
 
-Every built-in rule is anchored at the start of the line, where the kernel puts these headers:
-text in the middle of a line (an access log's URI, "error" in a driver's message, Spectre's
-"WARNING: Unprivileged eBPF ...") never starts an incident. docs/incidents.md lists the rules,
-where each shape comes from and the corpus they are measured on. Pure code: no Twisted.
+Every built-in rule is anchored where the kernel puts these headers: at the start of the line,
+after blanks and caller ids, or after a console time stamp inside the line (a console merged
+another writer's unfinished line with the kernel's). Other text in the middle of a line (an
+access log's URI, "error" in a driver's message, Spectre's "WARNING: Unprivileged eBPF ...")
+never starts an incident, and neither does a line that merely starts with the word WARNING.
+docs/incidents.md lists the rules, where each shape comes from and the corpus they are
+measured on. Pure code: no Twisted.
 """
 
 from __future__ import annotations
@@ -28,28 +31,52 @@ KINDS = ("crash", "oops", "bug", "warning", "error")
 # reports of its checks, not module errors.
 _TEMPESTA = r"\[(?:tempesta(?: (?!sc\])[a-z0-9_]+)?|tdb)\] "
 
+_TEMPESTA_START = re.compile(_TEMPESTA)
+
 _LOWER = "abcdefghijklmnopqrstuvwxyz"
 
+# The reports of kernel/locking/lockdep.c. Since 4.14 each header starts with "WARNING: ";
+# before, with "[ INFO: " (the same reports) or "[ BUG: " (rule lockdep-bug); "Invalid wait
+# context" still prints "[ BUG: ".
+_LOCKDEP = (
+    r"possible (?:circular locking dependency|recursive locking|irq lock inversion dependency)"
+    r"|inconsistent lock state|bad unlock balance|bad contention|held lock freed"
+    r"|lock held when returning to user space|[Nn]ested lock was not taken"
+    r"|\S+-safe -> \S+-unsafe lock order|.+ still has locks held!|chain_key collision"
+)
+
 #: The built-in rules, tried in this order (the first that matches names the incident):
-#: (rule, kind, the characters a matching line can start with, pattern matched at its start).
+#: (rule, kind, the characters a matching header can start with, pattern matched at its start).
 RULES: tuple[tuple[str, str, str, str], ...] = (
     ("sysrq-crash", "crash", "sS", r"(?:sysrq: |SysRq : )Trigger a crash"),
     ("kernel-panic", "crash", "K", r"Kernel panic\b"),
+    # x86 exc_double_fault(): this line, then die("double fault") and panic("Machine halted.").
+    ("double-fault", "crash", "P", r"PANIC: double fault\b"),
     # die()'s header on x86, "<trap>: <error code> [#<count>]", "Oops: " before it from 6.10.
     (
         "trap",
         "oops",
         _LOWER + "O",
-        r"(?:Oops: )?[a-z][a-z0-9 ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
+        r"(?:Oops: )?[a-z][a-z0-9_ ()-]*(?:, [^:]*)?: [0-9a-f]{4} \[#\d+\]",
     ),
-    ("oops", "oops", "O", r"Oops(?::| -| \[#)"),
+    # die() elsewhere: "Oops: 0002 [#1]", "Oops - BUG [#1]", riscv's "Oops [#1]", mips' "Oops[#1]:".
+    ("oops", "oops", "O", r"Oops(?::| -| ?\[#)"),
     ("internal-error", "oops", "I", r"Internal error: "),
-    ("unable-to-handle", "oops", "U", r"Unable to handle kernel "),
+    # arm, arm64, riscv; mips puts "CPU <n> " before it.
+    ("unable-to-handle", "oops", "UC", r"(?:CPU \d+ )?Unable to handle kernel "),
     (
         "arm64-exception",
         "oops",
         "SB",
         r"(?:SError Interrupt on CPU\d|Bad mode in .+ handler detected)",
+    ),
+    # x86 (and powerpc) page faults in the kernel: "Oops:" follows, as on arm64 it follows
+    # "Unable to handle kernel ...".
+    (
+        "page-fault",
+        "oops",
+        "B",
+        r"BUG: (?:[Kk]ernel NULL pointer dereference|[Uu]nable to handle )",
     ),
     ("kernel-bug", "bug", "kK", r"[Kk]ernel BUG at "),
     ("soft-lockup", "bug", "NwB", r"(?:(?:NMI )?watchdog: )?BUG: soft lockup\b"),
@@ -61,39 +88,83 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
         r"|Watchdog CPU:\d+ (?:detected )?Hard LOCKUP)",
     ),
     ("kasan", "bug", "B", r"BUG: KASAN: "),
+    ("kmsan", "bug", "B", r"BUG: KMSAN: "),
+    ("kcsan", "bug", "B", r"BUG: KCSAN: "),
     ("kfence", "bug", "B", r"BUG: KFENCE: "),
-    ("page-fault", "bug", "B", r"BUG: (?:kernel NULL pointer dereference|unable to handle )"),
     ("atomic-sleep", "bug", "B", r"BUG: (?:sleeping function called|scheduling while atomic)"),
     ("workqueue-lockup", "bug", "B", r"BUG: workqueue lockup\b"),
+    # mm/kmemleak.c with kmemleak.verbose=1 (pr_fmt "kmemleak: "); syzkaller's executor prints
+    # "BUG: memory leak" before the objects it reads from /sys/kernel/debug/kmemleak.
+    (
+        "memory-leak",
+        "bug",
+        "Bku",
+        r"(?:BUG: memory leak\b|(?:kmemleak: )?unreferenced object 0x[0-9a-f]+ \(size \d+\):)",
+    ),
     ("bug", "bug", "B", r"BUG: "),
-    # SLUB's debug reports: "BUG kmalloc-128 (Not tainted): Redzone overwritten".
-    ("slab-corruption", "bug", "B", r"BUG [\w.:-]+ \((?:Not tainted|Tainted: [^)]*)\): "),
+    # mm/slub.c slab_bug(): "BUG kmalloc-128 (Not tainted): Redzone overwritten", before 3.x
+    # without the taint ("BUG kmalloc-64: Poison overwritten"), memcg caches named
+    # "kmalloc-256(0:<id>)"; mm/slab.c: "Slab corruption (Not tainted): kmalloc-64 start=...".
+    (
+        "slab-corruption",
+        "bug",
+        "BS",
+        r"(?:BUG [\w.:()-]+(?: \((?:Not tainted|Tainted: [^)]*)\))?"
+        r"|Slab corruption \((?:Not tainted|Tainted: [^)]*)\)): ",
+    ),
     ("ubsan", "bug", "U", r"UBSAN: "),
-    ("hung-task", "bug", "I", r"INFO: task .+ blocked (?:in I/O wait )?for more than \d+ seconds"),
+    (
+        "hung-task",
+        "bug",
+        "I",
+        r"INFO: task .+ (?:blocked (?:in I/O wait )?for more than \d+ seconds"
+        r"|can't die for more than )",
+    ),
     (
         "rcu-stall",
         "bug",
         "rI",
         r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b",
     ),
+    # net/core/dev.c netdev_wait_allrefs(): a device's reference count never drops (a leak).
+    ("netdev-refcount", "bug", "u", r"unregister_netdevice: waiting for \S+ to become free\b"),
+    # fs/open.c filp_close() and fs/super.c generic_shutdown_super(): use-after-free signs.
+    ("vfs", "bug", "V", r"VFS: (?:Close: file count is 0|Busy inodes after unmount)\b"),
+    ("lockdep-bug", "bug", "[", r"\[ BUG: "),
     ("tempesta-error", "error", "[", _TEMPESTA + r"(?:ERROR|Error): "),
     ("tempesta-warning", "warning", "[", _TEMPESTA + r"(?:Warning|WARNING): "),
-    ("kernel-warning", "warning", "W", r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )"),
+    # kernel/panic.c __warn(): "WARNING: CPU: 1 PID: 42 at file:line func" (3.11 to 6.18),
+    # "WARNING: file:line at func, CPU#1: comm/42" (6.19), "WARNING: at ..." (older, or no file).
     (
-        "lockdep",
+        "kernel-warning",
         "warning",
-        "W[",
-        r"(?:WARNING: |\[ INFO: )(?:possible (?:circular locking dependency|recursive locking"
-        r"|irq lock inversion dependency)|inconsistent lock state|bad unlock balance"
-        r"|held lock freed|lock held when returning to user space|nested lock was not taken"
-        r"|\S+-safe -> \S+-unsafe lock order)",
+        "W",
+        r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )",
     ),
-    ("suspicious-rcu", "warning", "W[", r"(?:WARNING: |\[ INFO: )suspicious RCU usage"),
+    ("lockdep", "warning", "WI[", r"(?:WARNING: |\[ INFO: |INFO: )(?:" + _LOCKDEP + ")"),
+    (
+        "suspicious-rcu",
+        "warning",
+        "WI[",
+        r"(?:WARNING: |\[ INFO: |INFO: )suspicious (?:RCU|rcu_dereference_check\(\)) usage",
+    ),
+    # lockdep's register_lock_class(): a lock used before it was initialised.
+    ("non-static-key", "warning", "I", r"INFO: trying to register non-static key\b"),
+    # arch/x86/kernel/unwind_frame.c: a corrupted stack.
+    ("unwinder", "warning", "W", r"WARNING: kernel stack (?:regs|frame pointer) at "),
     # The vendor's check that the whole path works: echo "WARNING test message" > /dev/kmsg.
     ("test-message", "warning", "W", r"WARNING test message\b"),
-    ("warning", "warning", "W", r"WARNING\b"),
 )
 
+#: What may come before a header: blanks and CONFIG_PRINTK_CALLER's "[  T123]" or "[    C1]".
+#: Written so that a run of blanks can be matched one way only: a pattern that could split
+#: it in many ways would try them all on a line of blanks that no header follows.
+LEAD = r"[ \t]*(?:\[[ \t]*[TC]\d+\][ \t]*)*"
+_LEAD = re.compile(LEAD)
+#: A console time stamp inside a line: the console merged another writer's unfinished line
+#: ("syzkaller login: [   16.305150] INFO: ...", "** 5311 printk messages dropped **
+#: [   60.130000] ...") with a kernel line. A LEAD may follow it.
+STAMP = r"\[[ \t]*\d+\.\d+\]"
 # With CONFIG_PRINTK_CALLER the console puts "[  T123] " or "[    C1] " after the time stamp.
 _CALLER = re.compile(r"\[\s*[TC]\d+\] ?")
 _END_MARKER = re.compile(r"-{2,}\[ end (?:trace\b|Kernel panic\b)")
@@ -116,14 +187,21 @@ def _rules_by_first_character() -> dict[str, list[tuple[str, str, str]]]:
     return rules
 
 
-def _by_first_character() -> dict[str, tuple[re.Pattern, tuple[Detection, ...]]]:
+def _required(group: list[tuple[str, str, str]]) -> str:
+    # The text every rule of a group needs (REQUIRED_TEXT), or "" when one of them needs none.
+    required = {REQUIRED_TEXT.get(rule) for rule, _, _ in group}
+    return required.pop() if len(required) == 1 and None not in required else ""
+
+
+def _by_first_character() -> dict[str, tuple[re.Pattern, tuple[Detection, ...], str]]:
     # Per first character, one alternation of the rules a line starting with it can match, one
-    # group per rule: a dictionary look-up rejects most lines (call traces start with a space),
-    # and one match() call decides the rest.
+    # group per rule, and the text such a line must hold: a dictionary look-up rejects most
+    # lines (call traces start with a space), and one match() call decides the rest.
     return {
         character: (
             re.compile("|".join(f"({pattern})" for _, _, pattern in group)),
             tuple(Detection(kind, rule) for rule, kind, _ in group),
+            _required(group),
         )
         for character, group in _rules_by_first_character().items()
     }
@@ -139,20 +217,30 @@ REQUIRED_TEXT = {"trap": " [#"}
 LineFilter = tuple[tuple[bytes, re.Pattern] | None, ...]
 
 
+# The filter's entry for "[": a caller id ("[  T650] ", anything may follow it), lockdep's old
+# "[ BUG: " and "[ INFO: " headers and Tempesta's ERROR and Warning banners, as one pattern
+# whose alternatives share the "[": Tempesta's own lines, the commonest on the hot path, are
+# told apart at the word after the banner.
+_BRACKET_FILTER = (
+    r"\[(?:[ \t]*[TC]\d+\]| (?:BUG|INFO): |" + _TEMPESTA[2:] + r"(?:ERROR|Error|Warning|WARNING): )"
+)
+
+
 def _bytes_filter() -> LineFilter:
-    # The same alternations as bytes patterns, indexed by a line's first byte; a caller prefix
-    # ("[  T123] ") lets any line through. For ASCII text a bytes pattern matches exactly
-    # where its str twin does.
+    # The same alternations as bytes patterns, indexed by a line's first byte; a line that
+    # starts with a caller id ("[  T123] ") passes whatever follows. For ASCII text a bytes
+    # pattern matches exactly where its str twin does. Two places `detect` looks at are left
+    # out, as no netconsole record puts a header there: after blanks at the start (call trace
+    # lines start with a blank: looking at them would cost every one a pattern), and after a
+    # time stamp inside a line (the decoder gives a line that does not start with a time stamp
+    # but holds one to its general path, where every line is seen).
     table: list[tuple[bytes, re.Pattern] | None] = [None] * 256
     for character, group in _rules_by_first_character().items():
         alternatives = [pattern for _, _, pattern in group]
-        required = {REQUIRED_TEXT.get(rule) for rule, _, _ in group}
-        needle = required.pop() if len(required) == 1 and None not in required else ""
         if character == "[":
-            alternatives.insert(0, _CALLER.pattern)
-            needle = ""
+            alternatives = [_BRACKET_FILTER]
         pattern = re.compile("|".join(f"(?:{p})" for p in alternatives).encode())
-        table[ord(character)] = (needle.encode(), pattern)
+        table[ord(character)] = (_required(group).encode(), pattern)
     return tuple(table)
 
 
@@ -166,15 +254,56 @@ def _without_caller(text: str) -> str:
     return text
 
 
-def _builtin(text: str) -> Detection | None:
-    # _without_caller inlined: this runs on every line received.
-    if text.startswith("[") and (caller := _CALLER.match(text)):
-        text = text[caller.end() :]
-    entry = _DISPATCH.get(text[:1])
-    if entry is None:
+def _header_at(text: str, start: int) -> Detection | None:
+    entry = _DISPATCH.get(text[start : start + 1])
+    if entry is None or (entry[2] and entry[2] not in text):
         return None
-    m = entry[0].match(text)
+    m = entry[0].match(text, start)
     return None if m is None else entry[1][m.lastindex - 1]
+
+
+# A time stamp inside a line that a header follows: one search finds it. The alternatives are
+# not groups: a group in front of each would keep the regular expression engine from skipping
+# an alternative by its first character, which makes the search ten times slower.
+_AFTER_STAMP = re.compile(
+    f"{STAMP}{LEAD}(?=[^ \t])(?="
+    + "|".join(f"(?:{pattern})" for _, _, _, pattern in RULES)
+    + ")"
+)
+
+
+def find_header(text: str) -> tuple[int, Detection] | None:
+    """Where in a line the header of a built-in rule starts, and that rule's detection.
+
+    The header is at the start, after blanks or a caller id, or after a console time stamp
+    inside the line (a merged line); None when no built-in rule matches.
+    """
+    # Most lines are decided by the first look-up; the rest only for the rare line that
+    # starts with a blank or "[", or that holds a time stamp.
+    first = text[:1]
+    entry = _DISPATCH.get(first)
+    if entry is not None and (not entry[2] or entry[2] in text):
+        if (m := entry[0].match(text)) is not None:
+            return 0, entry[1][m.lastindex - 1]
+    if first == " " or first == "\t":
+        # Blanks first (call trace lines): strip them without a pattern.
+        start = len(text) - len(text.lstrip(" \t"))
+        if text[start : start + 1] == "[":
+            start = _LEAD.match(text, start).end()
+        if (found := _header_at(text, start)) is not None:
+            return start, found
+    elif first == "[" and (start := _LEAD.match(text).end()):
+        if (found := _header_at(text, start)) is not None:
+            return start, found
+    if "] " in text and (stamp := _AFTER_STAMP.search(text)) is not None:
+        # Not where a client's text can be: Tempesta's access log quotes the URI and the
+        # User-Agent after its banner, and the kernel quotes what it was given (comm="...").
+        before = text[: stamp.start()]
+        if '"' in before or _TEMPESTA_START.match(before):
+            return None
+        found = _header_at(text, stamp.end())
+        return None if found is None else (stamp.end(), found)
+    return None
 
 
 class Rules:
@@ -192,21 +321,26 @@ class Rules:
     @property
     def line_filter(self) -> LineFilter | None:
         """Per first byte, what every ASCII line `detect` finds contains and matches at its
-        start (`LineFilter`); None with extra patterns, which may match anywhere. Lets the
-        hot path skip most lines without decoding them."""
+        start (`LineFilter`), except headers after leading blanks or after a time stamp inside
+        the line; None with extra patterns, which may match anywhere. Lets the hot path skip
+        most lines without decoding them."""
         return None if self._extra else _BYTES_FILTER
 
     def detect(self, text: str) -> Detection | None:
         """The incident a log line starts, or None.
 
-        `text` is one kernel log line without the console's time stamp, as the decoder gives it.
+        `text` is one kernel log line without the console's time stamp, as the decoder gives it;
+        a time stamp further in (a merged line) is looked behind.
         """
+        found: Detection | None = None
         for pattern, detection in self._extra:
             if pattern.search(text):
                 found = detection
                 break
         else:
-            found = _builtin(text)
+            header = find_header(text)
+            if header is not None:
+                found = header[1]
         # Ignore patterns win; they are only worth running on the rare line that matched.
         if found is not None and any(pattern.search(text) for pattern in self._ignore):
             return None
@@ -246,7 +380,11 @@ def signature(kind: str, text: str) -> str:
     """The kind plus the line with numbers, addresses, CPUs, PIDs and task names masked.
 
     The same warning from another CPU, task or address has the same signature, so repeats fold.
+    A built-in rule's header is taken from where it starts: what a console merged in front of
+    it is not part of the incident.
     """
-    masked = _VARYING.sub(_mask, _without_caller(text)[: SIGNATURE_CHARS * 4])
+    header = find_header(text)
+    text = _without_caller(text) if header is None else text[header[0] :]
+    masked = _VARYING.sub(_mask, text[: SIGNATURE_CHARS * 4])
     masked = _SPACES.sub(" ", masked).strip()[:SIGNATURE_CHARS]
     return f"{kind}: {masked}"

@@ -55,6 +55,7 @@ RECORD_TEXT = _RECORD.size
 _NO_NUMBER = 2**64 - 1
 _NO_LEVEL = 255
 _PLAIN_PREFIX = re.compile(rb"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?")
+_INNER_STAMP = re.compile(rb"\[[ \t]*\d+\.\d+\]")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _INCOMPLETE_GAP = " [...] "
 _CUT_MARKER = " [line of %d bytes cut]"
@@ -363,8 +364,13 @@ class Decoder:
         m = _PLAIN_PREFIX.match(data, 0, end)
         start = m.end()
         text = data[start:end].rstrip(b"\r")
-        if not start and (not text or text.isspace()):
-            return b""
+        if not start:
+            if not text or text.isspace():
+                return b""
+            # Another writer's text before a console time stamp (a merged line): the general
+            # path, where observers see every line, so a kernel header after it is not missed.
+            if text.find(b"] ") >= 0 and _INNER_STAMP.search(text) is not None:
+                return None
         level = _NO_LEVEL if m[1] is None else int(m[1]) & 7
         time_us = _NO_NUMBER if m[2] is None else int(m[2]) * 1_000_000 + int(m[3])
         return _RECORD.pack(len(text), now, _NO_NUMBER, time_us, level) + text

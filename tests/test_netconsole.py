@@ -633,6 +633,17 @@ class FastPathTests(unittest.TestCase):
             LogLine(5.0, "WARNING: CPU: 0 PID: 1 at kernel/x.c:1", 4, None, 12_000_001),
         )
 
+    def test_a_merged_console_line_takes_the_general_path_whole(self):
+        # Another writer's text before a kernel time stamp: no record (its observers must see
+        # it), the line kept whole, with no kernel time of its own.
+        gram = b"syzkaller login: [   16.305150] INFO: task syz:3795 blocked for more than 143 seconds.\n"
+        self.assertIsNone(Decoder().record(gram, 1.0))
+        self.assertEqual(
+            Decoder().feed(gram, 1.0),
+            [LogLine(1.0, gram[:-1].decode())],
+        )
+        self.assertIsNotNone(Decoder().record(b"syzkaller login: [tempesta fw] not a stamp\n", 1.0))
+
     def test_a_comma_early_in_a_line_decodes_as_on_the_general_path(self):
         gram = b"[    1.000000] a,6,1,2,-;x\n"
         self.assertEqual(Decoder().feed(gram, 1.0), Decoder().feed_other(gram, 1.0))

@@ -98,7 +98,7 @@ class TrackerTests(unittest.TestCase):
         self.send(b"[   10.500000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
         self.clock.advance(5)
         (report,) = self.reports
-        self.assertEqual([i["kind"] for i in report["incidents"]], ["warning", "bug"])
+        self.assertEqual([i["kind"] for i in report["incidents"]], ["warning", "oops"])
 
     def test_same_warning_within_cooldown_is_folded_into_the_next_report(self):
         self.send(WARNING % (1, 42))
