@@ -259,7 +259,7 @@ class FingerprintFoldingTests(TrackerTests):
         self.send(WARNING % (2, 43))
         self.send(b"[   10.500000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
         self.clock.advance(5)
-        self.assertEqual([i["kind"] for i in self.reports[1]["incidents"]], ["bug"])
+        self.assertEqual([i["kind"] for i in self.reports[1]["incidents"]], ["oops"])
         self.assertEqual(self.reports[1]["suppressed_incidents"], 1)
 
     def test_two_lines_naming_one_bug_in_one_window_are_listed_once(self):
