@@ -154,7 +154,11 @@ def measure(directory: str, with_titles: bool) -> dict[str, list[str]]:
             out["not-kernel"].append(f"{name}: {title}")
             continue
         out["failure"].append(name)
+        if headers.get("CORRUPTED") != "Y":
+            out.setdefault("whole", []).append(name)
         if incident is None:
+            if headers.get("CORRUPTED") != "Y":
+                out.setdefault("whole-missed", []).append(name)
             out.setdefault("missed", []).append(f"{name}: {title}")
             continue
         out["raised"].append(name)
@@ -182,6 +186,9 @@ def main() -> None:
     print(f"  failure logs (non-empty TITLE): {len(r['failure']) + len(r['not-kernel'])},"
           f" of which {len(r['not-kernel'])} name no kernel failure and are left out")
     print(f"  recall:          {percent(len(r['raised']), len(r['failure']))}")
+    whole = len(r.get("whole", []))
+    print(f"  recall on the logs syzkaller does not mark CORRUPTED: "
+          f"{percent(whole - len(r.get('whole-missed', [])), whole)}")
     print(f"  right kind:      {percent(len(r['right']), len(r['failure']))}"
           f" (of those raised: {percent(len(r['right']), len(r['raised']))})")
     print(f"  false incidents: {percent(len(r['false']), len(r['healthy']))} of logs without TITLE")

@@ -134,12 +134,14 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
     ("tempesta-error", "error", "[", _TEMPESTA + r"(?:ERROR|Error): "),
     ("tempesta-warning", "warning", "[", _TEMPESTA + r"(?:Warning|WARNING): "),
     # kernel/panic.c __warn(): "WARNING: CPU: 1 PID: 42 at file:line func" (3.11 to 6.18),
-    # "WARNING: file:line at func, CPU#1: comm/42" (6.19), "WARNING: at ..." (older, or no file).
+    # "WARNING: file:line at func, CPU#1: comm/42" (6.19), "WARNING: at ..." (older, or no file);
+    # with the condition's text before the file where the kernel keeps it (7.0, syzbot's 2026
+    # reports: "WARNING: [time_after(jiffies, timeout)] io_uring/io_uring.c:3026 at ...").
     (
         "kernel-warning",
         "warning",
         "W",
-        r"WARNING: (?:CPU: \d+ PID: \d+ at |at |\S+:\d+ at )",
+        r"WARNING: (?:CPU: \d+ PID: \d+ at |at |(?:\[[^\]\n]{1,256}\] )?\S+:\d+ at )",
     ),
     ("lockdep", "warning", "WI[", r"(?:WARNING: |\[ INFO: |INFO: )(?:" + _LOCKDEP + ")"),
     (

@@ -213,6 +213,12 @@ EXAMPLES = [
         "warning",
         "kernel-warning",
     ),
+    (
+        "WARNING: [time_after(jiffies, timeout)] io_uring/io_uring.c:3026 at "
+        "io_ring_exit_work+0x44c/0xbc0, CPU#0: kworker/u8:0/10040",
+        "warning",
+        "kernel-warning",
+    ),
     ("WARNING: possible circular locking dependency detected", "warning", "lockdep"),
     ("WARNING: possible recursive locking detected", "warning", "lockdep"),
     ("WARNING: inconsistent lock state", "warning", "lockdep"),
