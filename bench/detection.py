@@ -120,9 +120,7 @@ def first_incident(log: list[bytes]) -> tuple[str, str] | None:
             if detection is not None and not found:
                 found.append((detection.kind, line.text))
 
-    registry = BufferRegistry(10, 100, 1_000_000)
-    registry.observers.append(look)
-    registry.line_filter = rules.line_filter
+    registry = BufferRegistry(10, 100, 1_000_000, observers=[look], line_filter=rules.line_filter)
     for line in log:
         if line.strip():
             registry.receive_datagram("192.0.2.1", line + b"\n", 1.0)

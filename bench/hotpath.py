@@ -15,18 +15,16 @@ import os
 import pstats
 import sys
 import time
-from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import task  # noqa: E402
 
 from tempesta_ts.access import SourceFilter  # noqa: E402
-from tempesta_ts.buffers import BufferRegistry  # noqa: E402
-from tempesta_ts.incidents import Rules  # noqa: E402
+from tempesta_ts.config import Config  # noqa: E402
 from tempesta_ts.intake import Intake  # noqa: E402
 from tempesta_ts.metrics import KNOWN_STATS  # noqa: E402
-from tempesta_ts.tracker import IncidentTracker  # noqa: E402
+from tempesta_ts.pipeline import build_pipeline  # noqa: E402
 from tempesta_ts.udp import NetconsoleProtocol  # noqa: E402
 
 # The ordinary lines bench/sender.c sends, in turn.
@@ -48,12 +46,11 @@ def gram(fmt: str, seq: int, usec: int) -> bytes:
 
 def protocol(instances: int) -> NetconsoleProtocol:
     stats = dict.fromkeys(KNOWN_STATS, 0)
-    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats)
     clock = task.Clock()
-    rules = Rules()
-    tracker = IncidentTracker(rules, clock, 5.0, 300.0, None, None, Counter())
-    registry.observers.append(tracker.lines_added)
-    registry.line_filter = rules.line_filter
+    config = Config(max_instances=instances + 10, buffer_max_lines=1000,
+                    buffer_max_bytes=2 * 1024 * 1024)
+    # No incident among these lines: no report is made, no sink needed.
+    registry = build_pipeline(config, clock, stats, sinks=()).registry
     return NetconsoleProtocol(Intake(registry, clock, SourceFilter(()), stats))
 
 

@@ -206,6 +206,10 @@ class BufferRegistry:
         buffer_max_lines: int,
         buffer_max_bytes: int,
         stats: Counter | None = None,
+        *,
+        observers: Iterable[LinesObserver] = (),
+        line_filter: LineFilter | None = None,
+        evicted: Iterable[Callable[[Instance], None]] = (),
     ) -> None:
         self.max_instances = max_instances
         self.buffer_max_lines = buffer_max_lines
@@ -214,11 +218,13 @@ class BufferRegistry:
         self._instances: OrderedDict[str, Instance] = OrderedDict()
         #: Instances whose decoder waits for time (partial line, fragments).
         self._waiting: set[str] = set()
-        self.observers: list[LinesObserver] = []
+        #: Called with each instance and the lines just appended to its buffer, in order.
+        self.observers: list[LinesObserver] = list(observers)
         #: Per first byte of a line, what it must contain and match for the observers to see
         #: it (`Rules.line_filter`); None: they see every line. Watched instances show all.
-        self.line_filter: LineFilter | None = None
-        self.evicted: list[Callable[[Instance], None]] = []
+        self.line_filter: LineFilter | None = line_filter
+        #: Called with each instance dropped by max_instances, in order.
+        self.evicted: list[Callable[[Instance], None]] = list(evicted)
 
     def __len__(self) -> int:
         return len(self._instances)

@@ -15,8 +15,9 @@ import stat
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+from tempesta_ts.incidents import KINDS as INCIDENT_KINDS
+
 API_KEY_ENV = "TEMPESTA_TS_SUPPORT_API_KEY"
-INCIDENT_KINDS = ("crash", "oops", "bug", "warning", "error")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 MiB = 1024 * 1024
 

@@ -27,7 +27,8 @@ from zope.interface import implementer
 
 from tempesta_ts import __version__
 from tempesta_ts.config import Config
-from tempesta_ts.https_policy import HTTPSPolicy, bare_host
+from tempesta_ts.hosts import bare_host, bracketed, host_port
+from tempesta_ts.https_policy import HTTPSPolicy
 
 #: JSON bodies larger than this are sent gzip-compressed (support-api.md).
 GZIP_THRESHOLD = 65536
@@ -131,7 +132,7 @@ def support_url(host: str, port: int, path: str) -> tuple[str, bytes | None]:
     """The request URL, and the Host header to set when the URL cannot carry the host."""
     host = bare_host(host)
     if ":" in host:
-        shown = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        shown = bracketed(host) if port == 443 else host_port(host, port)
         return f"https://ipv6-literal.invalid:{port}{path}", shown.encode("ascii")
     return f"https://{host}:{port}{path}", None
 

@@ -16,15 +16,11 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tempesta_ts.config import ConfigError
+from tempesta_ts.hosts import bare_host
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
-
-
-def bare_host(host: str) -> str:
-    """host without the brackets of an IPv6 literal written as [::1]."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def is_ip_address(host: str) -> bool:

@@ -1,15 +1,16 @@
 """Prometheus metrics, read from the server's counters and state at scrape time.
 
-Nothing here runs on the datagram path: the listeners count into the shared ``stats`` Counter
-as they always did, and `ServerCollector` turns that and the registry, tracker and reporter
-into metric families when /metrics is asked for. docs/operations.md lists every metric.
+Nothing here runs on the datagram path: the listeners count into the shared ``stats`` dict,
+and `ServerCollector` turns a snapshot of the server (tempesta_ts/status.py: the counters,
+the instances, the spool and delivery) into metric families when /metrics is asked for.
+docs/operations.md lists every metric.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -21,8 +22,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from tempesta_ts import __version__
-from tempesta_ts.config import INCIDENT_KINDS
+from tempesta_ts.incidents import KINDS
+
+if TYPE_CHECKING:
+    from tempesta_ts.status import Snapshot
 
 PREFIX = "tempesta_ts_"
 
@@ -119,7 +122,7 @@ KNOWN_STATS = tuple(
     sorted(
         {key for key, _, _ in COUNTERS}
         | {key for key, _ in ERRORS}
-        | {f"incidents_{kind}" for kind in INCIDENT_KINDS}
+        | {f"incidents_{kind}" for kind in KINDS}
     )
 )
 
@@ -195,28 +198,38 @@ def read_udp_socket(proc: str, inode: int) -> tuple[int, int] | None:
     return None
 
 
-class ServerCollector(Collector):
-    """Every tempesta_ts_ metric, computed from a TroubleshootingService when scraped."""
+class DeliveryTimes(Histogram):
+    """Seconds from spooled to accepted; the Reporter's on_delivered hook feeds it."""
 
-    def __init__(self, server, proc: str = "/proc") -> None:
-        self.server = server
-        self.proc = proc
-        #: Seconds from spooled to accepted, fed by the reporter's on_delivered hook.
-        self.delivery = Histogram(DELIVERY_BUCKETS)
+    def __init__(self) -> None:
+        super().__init__(DELIVERY_BUCKETS)
 
     def delivered(self, report_id: str, seconds: float) -> None:
-        """The reporter's on_delivered hook."""
-        self.delivery.observe(seconds)
+        """The Reporter's on_delivered hook."""
+        self.observe(seconds)
+
+
+class ServerCollector(Collector):
+    """Every tempesta_ts_ metric, rendered from a snapshot of the server when scraped."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], udp_socket: Callable[[], Any],
+                 delivery: DeliveryTimes | None = None, proc: str = "/proc") -> None:
+        #: The server's state now (tempesta_ts/status.py).
+        self.snapshot = snapshot
+        #: The listening UDP socket (for its inode in /proc/net/udp), or None while down.
+        self.udp_socket = udp_socket
+        self.delivery = delivery if delivery is not None else DeliveryTimes()
+        self.proc = proc
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        stats = server.registry.counters()
+        snapshot = self.snapshot()
+        stats = snapshot.counters
 
         info = GaugeMetricFamily(
             PREFIX + "build_info", "The tempesta-ts version, as a label; always 1.",
             labels=["version"],
         )
-        info.add_metric([__version__], 1)
+        info.add_metric([snapshot.version], 1)
         yield info
 
         for key, name, documentation in COUNTERS:
@@ -235,7 +248,7 @@ class ServerCollector(Collector):
             PREFIX + "incidents", "Incident lines detected, by kind (folded ones included).",
             labels=["kind"],
         )
-        kinds = set(INCIDENT_KINDS) | {
+        kinds = set(KINDS) | {
             key[len("incidents_"):] for key in stats
             if key.startswith("incidents_") and key != "incidents_suppressed"
         }
@@ -243,26 +256,25 @@ class ServerCollector(Collector):
             incidents.add_metric([kind], stats.get(f"incidents_{kind}", 0))
         yield incidents
 
-        yield from self._instances()
-        yield from self._reports()
-        yield from self._udp()
+        yield from self._instances(snapshot)
+        yield from self._reports(snapshot)
+        yield from self._udp(snapshot)
 
-    def _instances(self) -> Iterator[Metric]:
-        registry = self.server.registry
+    def _instances(self, snapshot: Snapshot) -> Iterator[Metric]:
         lines = buffered = lost = 0
         last_seen = GaugeMetricFamily(
             PREFIX + "instance_last_seen_timestamp_seconds",
             "When each instance held last sent anything (Unix time); one series per instance.",
             labels=["address"],
         )
-        for instance in registry:
-            lines += len(instance.buffer)
-            buffered += instance.buffer.bytes
+        for instance in snapshot.instances:
+            lines += instance.lines
+            buffered += instance.bytes
             lost += instance.lost_messages
             last_seen.add_metric([instance.address], instance.last_seen)
-        yield GaugeMetricFamily(PREFIX + "instances", "Instances held.", value=len(registry))
+        yield GaugeMetricFamily(PREFIX + "instances", "Instances held.", value=len(snapshot.instances))
         yield GaugeMetricFamily(
-            PREFIX + "instances_max", "The max_instances setting.", value=registry.max_instances
+            PREFIX + "instances_max", "The max_instances setting.", value=snapshot.max_instances
         )
         yield GaugeMetricFamily(
             PREFIX + "buffered_lines", "Log lines held in the instances' buffers.", value=lines
@@ -280,51 +292,49 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             PREFIX + "fragmented_messages_pending",
             "Fragmented messages waiting for the rest of their fragments.",
-            value=registry.pending_messages,
+            value=snapshot.fragments_pending,
         )
         yield GaugeMetricFamily(
-            PREFIX + "tcp_connections", "TCP clients connected.", value=self.server.tcp.connections
+            PREFIX + "tcp_connections", "TCP clients connected.", value=snapshot.documents.connections
         )
         yield GaugeMetricFamily(
             PREFIX + "system_info_memory_bytes",
             "Memory system information takes: the instances' documents and those under way.",
-            value=self.server.tcp.memory_bytes,
+            value=snapshot.documents.memory_bytes,
         )
         yield GaugeMetricFamily(
             PREFIX + "system_info_memory_max_bytes", "The system_info_memory_max_bytes setting.",
-            value=self.server.tcp.memory_max_bytes,
+            value=snapshot.documents.memory_max_bytes,
         )
         yield last_seen
 
-    def _reports(self) -> Iterator[Metric]:
-        server = self.server
-        spool, reporter = server.spool, server.reporter
-        in_flight = reporter.in_flight if reporter is not None else 0  # none stand-alone
+    def _reports(self, snapshot: Snapshot) -> Iterator[Metric]:
+        delivery = snapshot.delivery
         yield GaugeMetricFamily(
             PREFIX + "reports_settling",
             "Reports waiting for settle_seconds of quiet from their instance.",
-            value=server.tracker.open_windows,
+            value=delivery.settling,
         )
         yield GaugeMetricFamily(
             PREFIX + "reports_pending", "Reports in the spool waiting for delivery.",
-            value=spool.count,
+            value=delivery.pending,
         )
         yield GaugeMetricFamily(
-            PREFIX + "reports_in_flight", "Deliveries under way.", value=in_flight
+            PREFIX + "reports_in_flight", "Deliveries under way.", value=delivery.in_flight
         )
         yield GaugeMetricFamily(
             PREFIX + "reports_held_in_memory",
             "Reports the disk refused, held in memory (within spool_max_bytes) until written.",
-            value=spool.held,
+            value=delivery.held,
         )
         yield GaugeMetricFamily(
-            PREFIX + "spool_bytes", "Bytes of the reports waiting in the spool.", value=spool.bytes
+            PREFIX + "spool_bytes", "Bytes of the reports waiting in the spool.", value=delivery.bytes
         )
         yield GaugeMetricFamily(
-            PREFIX + "spool_max_bytes", "The spool_max_bytes setting.", value=spool.max_bytes
+            PREFIX + "spool_max_bytes", "The spool_max_bytes setting.", value=delivery.max_bytes
         )
-        oldest = spool.oldest_created
-        age = 0.0 if oldest is None else max(0.0, server.reactor.seconds() - oldest)
+        oldest = delivery.oldest
+        age = 0.0 if oldest is None else max(0.0, snapshot.now - oldest)
         yield GaugeMetricFamily(
             PREFIX + "oldest_pending_report_age_seconds",
             "How long the oldest report has waited in the spool; 0 when none waits.",
@@ -335,23 +345,22 @@ class ServerCollector(Collector):
             "Time from a report's spooling to its acceptance by the Support Server.",
         )
 
-    def _udp(self) -> Iterator[Metric]:
-        server = self.server
-        granted = server.udp.receive_buffer_granted
+    def _udp(self, snapshot: Snapshot) -> Iterator[Metric]:
+        granted = snapshot.listening.receive_buffer
         if granted is not None:
             yield GaugeMetricFamily(
                 PREFIX + "udp_receive_buffer_bytes",
                 "UDP receive buffer granted by the kernel (net.core.rmem_max caps it).",
                 value=granted,
             )
-        port = server.listeners.udp_port
         yield GaugeMetricFamily(
             PREFIX + "listening", "1 while the UDP and TCP listeners are up, else 0.",
-            value=int(port is not None and server.listeners.tcp_port is not None),
+            value=int(snapshot.listening.up),
         )
-        if port is not None:
+        handle = self.udp_socket()
+        if handle is not None:
             try:
-                inode = os.fstat(port.getHandle().fileno()).st_ino
+                inode = os.fstat(handle.fileno()).st_ino
             except (OSError, AttributeError):
                 inode = None
             socket = read_udp_socket(self.proc, inode) if inode is not None else None

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tempesta_ts import __version__
+from tempesta_ts.hosts import host_port
 from tempesta_ts.probe_messages import (
     Datagrams,
     DocumentSender,
@@ -97,8 +98,7 @@ class Probe:
 
     @property
     def _shown(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @defer.inlineCallbacks
     def run(self):

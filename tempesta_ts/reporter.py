@@ -104,6 +104,7 @@ class Reporter(service.Service):
         shutdown_grace: float = SHUTDOWN_GRACE,
         rng: random.Random | None = None,
         spool: Spool | None = None,
+        on_delivered: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = reactor
@@ -117,7 +118,7 @@ class Reporter(service.Service):
         self.rng = rng if rng is not None else random.Random()
         self.spool = spool if spool is not None else Spool.of(config, stats, reactor)
         #: Called with (report_id, seconds from spooled to delivered) on each delivery.
-        self.on_delivered: Callable[[str, float], None] | None = None
+        self.on_delivered = on_delivered
         #: The last failure, one line; None once a report is delivered again.
         self.last_error: str | None = None
         #: Its kind, one of delivery.FAILURE_KINDS (what the probe's advice goes by), or None.

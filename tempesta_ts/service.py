@@ -1,11 +1,11 @@
-"""Assembly: buffer registry, UDP and TCP listeners, incident tracker and report sink in one
-MultiService, started and stopped in the order that loses nothing."""
+"""Assembly: the parts of the server made from the Config and wired once (the buffer registry,
+tracker and report maker by tempesta_ts/pipeline.py), the UDP and TCP listeners, the report
+sink and the web endpoint, in one MultiService started and stopped in the order that loses
+nothing."""
 
 from __future__ import annotations
 
-import socket
 from functools import partial
-from typing import Sequence
 
 from twisted.application import service
 from twisted.internet import task
@@ -13,24 +13,21 @@ from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
-from tempesta_ts.buffers import BufferRegistry, Instance, SystemInfo
+from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.config import Config
 from tempesta_ts.degraded import Degradations
 from tempesta_ts.errors import StartupError, describe_listen_error
-from tempesta_ts.incidents import Rules
 from tempesta_ts.intake import Intake
-from tempesta_ts.log import escape, get_logger
-from tempesta_ts.metrics import KNOWN_STATS
-from tempesta_ts.netconsole import LogLine
-from tempesta_ts.report import Incident, build_report
+from tempesta_ts.log import get_logger
+from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
+from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline, log_lines
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
+from tempesta_ts.status import StatusSource, startup_line
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
 from tempesta_ts.throttle import Throttle
-from tempesta_ts.tracker import IncidentTracker
 from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
 from tempesta_ts.web import WebService
 
@@ -125,6 +122,20 @@ class ListenerService(service.Service):
         """Host and port really bound."""
         return self.host, self.udp_port.getHost().port
 
+    @property
+    def up(self) -> bool:
+        """Both the UDP and the TCP listener are bound."""
+        return self.udp_port is not None and self.tcp_port is not None
+
+    @property
+    def where(self) -> tuple[str, int]:
+        """Where the listeners are bound, or configured to bind while they are down."""
+        return self.address if self.udp_port is not None else (self.host, self.port)
+
+    def udp_socket(self):
+        """The bound UDP socket (/proc/net/udp knows it by its inode), or None while down."""
+        return None if self.udp_port is None else self.udp_port.getHandle()
+
     def stopService(self):
         super().stopService()
         ports = [p for p in (self.udp_port, self.tcp_port) if p is not None]
@@ -133,7 +144,8 @@ class ListenerService(service.Service):
 
 
 class TroubleshootingService(service.MultiService):
-    """The whole tempesta-ts server."""
+    """The whole tempesta-ts server: its parts, made and wired here, started and stopped in
+    the order that loses nothing."""
 
     log = get_logger(__name__)
     announcements = Logger(namespace=__name__)
@@ -145,44 +157,48 @@ class TroubleshootingService(service.MultiService):
         # A plain dict of every known counter rather than a Counter: the hot path adds to
         # some of them for every datagram, and only an exact dict gets CPython's fast path.
         self.stats: dict[str, int] = dict.fromkeys(KNOWN_STATS, 0)
-        self.registry = BufferRegistry(
-            config.max_instances, config.buffer_max_lines, config.buffer_max_bytes, self.stats
-        )
-        intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
-        self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
-        self.system_info_store = (
-            SystemInfoStore(config.system_info_dir) if config.system_info_dir else None
-        )
-        self.tcp = SystemInfoFactory(
-            intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
-            self.system_info_store,
-            memory_max_bytes=config.system_info_memory_max_bytes,
-            document_seconds=config.tcp_document_seconds,
-            max_connections_per_source=config.tcp_max_connections_per_source,
-        )
         self.spool = Spool.of(config, self.stats, reactor)
         # What works less well than it should, and why (/status.json "degraded"): other parts
         # join with watch(name, component), the component having a `degraded` property.
         self.degradations = Degradations()
         self.degradations.watch("spool", self.spool)
+        # How long deliveries take, for /metrics (when it is on).
+        delivery_times = DeliveryTimes() if config.metrics_port else None
         # Where finished reports go: written locally (stand-alone), or delivered.
         self.reporter: Reporter | None = None
         if config.standalone:
             self.sink: IReportSink = LocalReports(self.spool, self.stats)
         else:
             self.reporter = self.sink = Reporter(
-                config, reactor, self.stats, http_client=http_client, spool=self.spool
+                config, reactor, self.stats, http_client=http_client, spool=self.spool,
+                on_delivered=delivery_times.delivered if delivery_times is not None else None,
             )
-        self.tracker = IncidentTracker(
-            Rules(config.incident_patterns, config.ignore_patterns),
-            reactor,
-            config.settle_seconds,
-            config.cooldown_seconds,
-            self._make_report,
-            self.sink.submit,
-            self.stats,
+        self.system_info_store = (
+            SystemInfoStore(config.system_info_dir) if config.system_info_dir else None
         )
-        self.hostname = socket.gethostname()
+        # The one loop: the registry feeds the tracker, whose reports hold documents read back
+        # from system_info_dir in the memory the TCP side bounds, and the TCP side feeds the
+        # registry. It is closed by name: `tcp` is made below, before any report can be.
+        tcp: SystemInfoFactory
+        make_report = ReportMaker(
+            reactor, config.support_client_id, self.stats, store=self.system_info_store,
+            keep=lambda instance, info: tcp.hold(instance, info),
+        )
+        pipeline = build_pipeline(
+            config, reactor, self.stats, [self.sink], make_report=make_report,
+            line_observers=[log_lines] if config.log_level == "debug" else [],
+            evicted=[EvictionNotices(reactor, config.max_instances)],
+        )
+        self.registry, self.tracker = pipeline.registry, pipeline.tracker
+        intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
+        self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
+        self.tcp = tcp = SystemInfoFactory(
+            intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
+            self.system_info_store,
+            memory_max_bytes=config.system_info_memory_max_bytes,
+            document_seconds=config.tcp_document_seconds,
+            max_connections_per_source=config.tcp_max_connections_per_source,
+        )
         # Started in this order, stopped in reverse (see stopService).
         self.sink.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
@@ -191,22 +207,19 @@ class TroubleshootingService(service.MultiService):
             reactor, config.host, config.port, self.udp, self.tcp, config.reuse_port
         )
         self.listeners.setServiceParent(self)
+        #: The server's state as one value, for the pages, /metrics and the start-up line.
+        self.status = StatusSource(
+            config, reactor, service=self, listeners=self.listeners, udp=self.udp, tcp=self.tcp,
+            registry=self.registry, tracker=self.tracker, sink=self.sink, spool=self.spool,
+            reporter=self.reporter, degradations=self.degradations,
+        )
         # After the listeners: a failure to bind the main port is reported first.
         self.web: WebService | None = None
         if config.metrics_port:
-            self.web = WebService(self, reactor, config.metrics_host, config.metrics_port)
+            collector = ServerCollector(self.status, self.listeners.udp_socket, delivery_times)
+            self.web = WebService(reactor, config.metrics_host, config.metrics_port,
+                                  self.status, self.status.listening, collector)
             self.web.setServiceParent(self)
-            if self.reporter is not None:
-                self.reporter.on_delivered = self.web.collector.delivered
-        if config.log_level == "debug":
-            self.registry.observers.append(self._log_lines)
-        else:
-            # The tracker needs only lines that can start an incident, or all of a watched one.
-            self.registry.line_filter = self.tracker.rules.line_filter
-        self.registry.observers.append(self.tracker.lines_added)
-        self.registry.evicted.append(self._log_eviction)
-        self.registry.evicted.append(self.tracker.forget)
-        self._evictions = Throttle(60.0)
 
     @inlineCallbacks
     def stopService(self):
@@ -231,46 +244,6 @@ class TroubleshootingService(service.MultiService):
         if self.web is not None:
             yield self.web.stopService()
 
-    def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
-        shown = instance.system_info
-        if self.system_info_store is not None:
-            shown = self._newest_system_info(instance)
-        # A document kept only on disk lends its text to this report, not to memory.
-        held, instance.system_info = instance.system_info, shown
-        try:
-            return build_report(
-                instance=instance,
-                incidents=incidents,
-                suppressed=suppressed,
-                client_id=self.config.support_client_id,
-                hostname=self.hostname,
-                version=__version__,
-                now=self.reactor.seconds(),
-            )
-        finally:
-            instance.system_info = held
-
-    def _newest_system_info(self, instance: Instance) -> SystemInfo | None:
-        """The instance's newest document with its text, read from system_info_dir when memory
-        holds an older one or only a note of it (system_info_memory_max_bytes)."""
-        # Another process on the port (reuse_port), or this one before a restart, may have
-        # taken a newer document from the instance.
-        current = instance.system_info
-        try:
-            stored = self.system_info_store.load(instance.address)
-        except (OSError, ValueError, KeyError, TypeError):
-            self.stats["system_info_store_errors"] += 1
-            self.log.failure("Could not read the system information of {instance} in {path}",
-                             instance=instance.address, path=self.system_info_store.directory)
-            stored = None
-        if stored is not None and (
-            current is None or current.on_disk or stored.received_at > current.received_at
-        ):
-            self.tcp.hold(instance, stored)
-            return stored
-        # A note whose text could not be read back is no document.
-        return None if current is not None and current.on_disk else current
-
     def startService(self) -> None:
         if self.system_info_store is not None:
             # After twistd has dropped privileges: made by, and checked for, the server's user.
@@ -293,60 +266,5 @@ class TroubleshootingService(service.MultiService):
             )
 
     def summary(self) -> str:
-        """The start-up summary: where it listens, what it got, where reports go."""
-        c = self.config
-        host, port = self.listeners.address
-        shown = f"[{host}]" if ":" in host else host
-        granted = self.udp.receive_buffer_granted
-        if granted is None:
-            rcvbuf = "UDP receive buffer left at the system default"
-        else:
-            rcvbuf = f"UDP receive buffer {granted} bytes (asked {c.udp_receive_buffer_bytes}"
-            rcvbuf += "; net.core.rmem_max caps it)" if granted < c.udp_receive_buffer_bytes else ")"
-        if c.standalone:
-            target = f"stand-alone: reports are written under {c.spool_dir}/local/"
-            tls = "TLS: not used"
-        else:
-            target = (
-                f"Support Server https://{c.support_host}:{c.support_port}{c.support_path} "
-                f"as client {c.support_client_id}"
-            )
-            if c.skip_ssl_verification:
-                tls = "TLS: certificate NOT verified (skip_ssl_verification)"
-            elif c.support_ca_file:
-                tls = f"TLS: verified against {c.support_ca_file}"
-            else:
-                tls = "TLS: verified against the system trust store"
-        metrics = (
-            f"metrics on {self.web.url}/metrics (status on /status)"
-            if self.web is not None
-            else "metrics off"
-        )
-        sources = "all sources" if not c.allowed_sources else ", ".join(map(str, c.allowed_sources))
-        waiting = self.spool.count
-        spool = f"{waiting} reports wait in the spool" if waiting else "spool empty"
-        shared = (
-            f" (shared with other processes: reuse_port; system information in {c.system_info_dir})"
-            if c.reuse_port else ""
-        )
-        return (
-            f"tempesta-ts {__version__} listening on UDP and TCP {shown}:{port}{shared}; {rcvbuf}; "
-            f"{target}; {tls}; {spool}; accepting {sources}; {metrics}; log level {c.log_level}"
-        )
-
-    def _log_lines(self, instance: Instance, lines: Sequence[LogLine]) -> None:
-        for line in lines:
-            self.log.debug(
-                "{instance} {text}", instance=instance.address, text=escape(line.text), seq=line.seq
-            )
-
-    def _log_eviction(self, instance: Instance) -> None:
-        held = self._evictions.hit("evict", self.reactor.seconds())
-        if held is not None:
-            self.log.warn(
-                "Dropped instance {instance} (least recently active) to stay within "
-                "max_instances={limit} ({held} more dropped since the last notice)",
-                instance=instance.address,
-                limit=self.config.max_instances,
-                held=held,
-            )
+        """The start-up line: where it listens, what it got, where reports go."""
+        return startup_line(self.status(), self.web.url if self.web is not None else None)

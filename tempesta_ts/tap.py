@@ -12,6 +12,7 @@ from tempesta_ts import config as settings
 from tempesta_ts import log
 from tempesta_ts.errors import StartupError
 from tempesta_ts.service import TroubleshootingService
+from tempesta_ts.status import systemd_status
 from tempesta_ts.systemd import SystemdNotifier
 
 _log = log.get_logger(__name__)
@@ -122,15 +123,9 @@ def makeService(
         # What only shows when it is used (a CA bundle that does not parse).
         raise StartupError(str(e)) from None
     environ = os.environ if environ is None else environ
-    SystemdNotifier(reactor, environ, lambda: _status(server)).setServiceParent(server)
+    status = server.status.listening
+    SystemdNotifier(reactor, environ, lambda: systemd_status(status())).setServiceParent(server)
     return server
-
-
-def _status(server: TroubleshootingService) -> str:
-    """One line for ``systemctl status``."""
-    host, port = server.listeners.address
-    shown = f"[{host}]" if ":" in host else host
-    return f"listening on UDP and TCP {shown}:{port}"
 
 
 def _report_startup_errors_in_one_line() -> None:

@@ -1,7 +1,8 @@
 """The operator's HTTP endpoint: /metrics, /status, /status.json and /healthz.
 
-Every page is rendered synchronously from the server's state at request time, so a scrape costs
-nothing between scrapes. Log lines come from the wire: the HTML page escapes everything.
+Every page is rendered synchronously from a snapshot of the server's state made at request time
+(tempesta_ts/status.py), so a scrape costs nothing between scrapes. Log lines come from the
+wire: the HTML page escapes everything.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import heapq
 import html
 import ipaddress
 import json
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client.exposition import choose_encoder
 from twisted.application import service
@@ -19,12 +20,12 @@ from twisted.internet.error import CannotListenError
 from twisted.web import resource, server
 
 from tempesta_ts import __version__
-from tempesta_ts.buffers import Instance
 from tempesta_ts.errors import StartupError, describe_listen_error
+from tempesta_ts.hosts import host_port
 from tempesta_ts.log import get_logger
-from tempesta_ts.metrics import KNOWN_STATS, ServerCollector, make_registry
+from tempesta_ts.metrics import ServerCollector, make_registry
 from tempesta_ts.report import iso
-from tempesta_ts.tracker import LastIncident
+from tempesta_ts.status import Delivery, InstanceStatus, Listening, Snapshot, describe_mode
 
 #: Instances listed on the HTML page, most recently seen first; /status.json lists all.
 MAX_ROWS = 500
@@ -53,31 +54,21 @@ def _respond(request, content_type: str, body: str | bytes, code: int = 200) -> 
 # --- what the pages show -------------------------------------------------------------------
 
 
-def report_state(last: LastIncident, sink) -> str:
-    """settling, folded, or the report sink's word for the report the incident went into."""
-    if last.suppressed:
-        return "folded"
-    if last.report_id is None:
-        return "settling"
-    return sink.state_of(last.report_id)
-
-
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def instance_status(instance: Instance, tracker, sink) -> dict[str, Any]:
+def instance_status(instance: InstanceStatus) -> dict[str, Any]:
     """One instance as /status.json lists it."""
-    info = instance.system_info
-    last = tracker.last_incidents.get(instance.address)
+    info, last = instance.system_info, instance.last_incident
     return {
         "address": instance.address,
         "kernel_release": instance.kernel_release,
         "first_seen": iso(instance.first_seen),
         "last_seen": iso(instance.last_seen),
-        "lines": len(instance.buffer),
-        "bytes": instance.buffer.bytes,
-        "lines_pushed_out": instance.buffer.dropped,
+        "lines": instance.lines,
+        "bytes": instance.bytes,
+        "lines_pushed_out": instance.lines_pushed_out,
         "lost_messages": instance.lost_messages,
         "system_info": (
             None
@@ -88,21 +79,15 @@ def instance_status(instance: Instance, tracker, sink) -> dict[str, Any]:
             None
             if last is None
             else {
-                "kind": last.incident.kind,
-                "title": _title(last),
-                "line": _clip(last.incident.line.text, JSON_LINE_CHARS),
-                "received_at": iso(last.incident.line.received_at),
+                "kind": last.kind,
+                "title": last.title,
+                "line": _clip(last.line, JSON_LINE_CHARS),
+                "received_at": iso(last.received_at),
                 "report_id": last.report_id,
-                "report_state": report_state(last, sink),
+                "report_state": last.report_state,
             }
         ),
     }
-
-
-def _title(last: LastIncident) -> str | None:
-    """The incident's title, once its report was made (None while it settles)."""
-    description = last.incident.description
-    return None if description is None else description.title
 
 
 def _address_key(address: str) -> tuple:
@@ -113,78 +98,43 @@ def _address_key(address: str) -> tuple:
     return (ip.version, int(ip), address)
 
 
-def support_url(config) -> str | None:
-    """Where reports go, as a URL to show; None when stand-alone."""
-    if config.standalone:
-        return None
-    host = config.support_host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"https://{host}:{config.support_port}{config.support_path}"
-
-
-def is_healthy(server) -> bool:
-    """The server runs and both listeners are up."""
-    listeners = server.listeners
-    up = listeners.udp_port is not None and listeners.tcp_port is not None
-    return bool(server.running) and up
-
-
-def listening_address(server) -> tuple[str, int]:
-    """Where the listeners are bound, or configured to bind while they are down."""
-    listeners = server.listeners
-    if listeners.udp_port is not None:
-        return listeners.address
-    return listeners.host, listeners.port
-
-
-def counters(stats) -> dict[str, int]:
-    """Every stats key, known ones at 0 before they are first counted, sorted."""
-    merged = dict.fromkeys(KNOWN_STATS, 0)
-    merged.update(stats)
-    return dict(sorted(merged.items()))
-
-
-def spool_status(server) -> dict[str, Any]:
+def spool_status(delivery: Delivery) -> dict[str, Any]:
     """The spool and delivery (none stand-alone), as /status.json shows them."""
-    spool, reporter = server.spool, server.reporter
     return {
-        "pending": spool.count,
-        "bytes": spool.bytes,
-        "oldest": iso(spool.oldest_created),
-        "in_flight": reporter.in_flight if reporter is not None else 0,
-        "last_error": reporter.last_error if reporter is not None else None,
-        "last_error_kind": reporter.last_error_kind if reporter is not None else None,
-        "max_bytes": spool.max_bytes,
-        "settling": server.tracker.open_windows,
-        "held": spool.held,
+        "pending": delivery.pending,
+        "bytes": delivery.bytes,
+        "oldest": iso(delivery.oldest),
+        "in_flight": delivery.in_flight,
+        "last_error": delivery.last_error,
+        "last_error_kind": delivery.last_error_kind,
+        "max_bytes": delivery.max_bytes,
+        "settling": delivery.settling,
+        "held": delivery.held,
     }
 
 
-def degraded_status(server, now: float) -> list[dict[str, Any]]:
+def degraded_status(snapshot: Snapshot) -> list[dict[str, Any]]:
     """What is degraded and why, since when (ISO 8601), as /status.json shows it."""
-    return [dict(d, since=iso(d["since"])) for d in server.degradations.current(now)]
+    return [dict(d, since=iso(d["since"])) for d in snapshot.degraded]
 
 
-def status_document(server, started_at: float, now: float) -> dict[str, Any]:
+def status_document(snapshot: Snapshot, started_at: float) -> dict[str, Any]:
     """The whole /status.json document."""
-    host, port = listening_address(server)
-    config = server.config
-    tracker, sink = server.tracker, server.sink
-    instances = sorted(server.registry, key=lambda i: _address_key(i.address))
+    now, listening = snapshot.now, snapshot.listening
+    instances = sorted(snapshot.instances, key=lambda i: _address_key(i.address))
     return {
-        "version": __version__,
+        "version": snapshot.version,
         "now": iso(now),
         "started_at": iso(started_at),
         "uptime_seconds": round(max(0.0, now - started_at), 3),
-        "healthy": is_healthy(server),
-        "listening": {"host": host, "port": port},
-        "mode": "stand-alone" if config.standalone else "support-server",
-        "support_url": support_url(config),
-        "counters": counters(server.registry.counters()),
-        "instances": [instance_status(i, tracker, sink) for i in instances],
-        "spool": spool_status(server),
-        "degraded": degraded_status(server, now),
+        "healthy": listening.healthy,
+        "listening": {"host": listening.host, "port": listening.port},
+        "mode": snapshot.mode.name,
+        "support_url": snapshot.mode.support_url,
+        "counters": dict(snapshot.counters),
+        "instances": [instance_status(i) for i in instances],
+        "spool": spool_status(snapshot.delivery),
+        "degraded": degraded_status(snapshot),
     }
 
 
@@ -233,24 +183,21 @@ _INSTANCE_HEADER = (
 )
 
 
-def _instance_row(instance: Instance, server, now: float) -> str:
-    info = instance.system_info
+def _instance_row(instance: InstanceStatus, now: float) -> str:
+    info, last = instance.system_info, instance.last_incident
     sysinfo = (
         "—" if info is None
         else f"{_e(info.size)} chars {_e(info.format)}, {_e(_when(info.received_at, now))}"
     )
-    last = server.tracker.last_incidents.get(instance.address)
     if last is None:
         incident = "—"
     else:
-        line = last.incident.line
         report = "" if last.report_id is None else f" {_e(last.report_id)}"
-        title = _title(last)
         incident = (
-            f"<b>{_e(last.incident.kind)}</b> {_e(duration(now - line.received_at))} ago; "
-            f"report{report}: {_e(report_state(last, server.sink))}<br>"
-            + ("" if title is None else f"{_e(title)}<br>")
-            + f"<code>{_e(_clip(line.text, HTML_LINE_CHARS))}</code>"
+            f"<b>{_e(last.kind)}</b> {_e(duration(now - last.received_at))} ago; "
+            f"report{report}: {_e(last.report_state)}<br>"
+            + ("" if last.title is None else f"{_e(last.title)}<br>")
+            + f"<code>{_e(_clip(last.line, HTML_LINE_CHARS))}</code>"
         )
     cells = (
         _e(instance.address),
@@ -258,8 +205,7 @@ def _instance_row(instance: Instance, server, now: float) -> str:
         _e(_when(instance.last_seen, now)),
         _e(iso(instance.first_seen)),
     )
-    numbers = (len(instance.buffer), instance.buffer.bytes, instance.buffer.dropped,
-               instance.lost_messages)
+    numbers = (instance.lines, instance.bytes, instance.lines_pushed_out, instance.lost_messages)
     return (
         "<tr>" + "".join(f"<td>{c}</td>" for c in cells)
         + "".join(f'<td class="n">{n}</td>' for n in numbers)
@@ -267,46 +213,37 @@ def _instance_row(instance: Instance, server, now: float) -> str:
     )
 
 
-def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS) -> str:
+def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS) -> str:
     """The /status page: plain tables, readable in lynx or w3m."""
-    config = server.config
-    host, port = listening_address(server)
-    shown_host = f"[{host}]" if ":" in host else host
-    healthy = is_healthy(server)
-    if config.standalone:
-        mode = f"stand-alone: reports are written under {_e(config.spool_dir)}/local/"
-    else:
-        mode = f"Support Server {_e(support_url(config))} as client {_e(config.support_client_id)}"
-    spool = spool_status(server)
+    now, listening, delivery = snapshot.now, snapshot.listening, snapshot.delivery
+    version = _e(snapshot.version)
     out = [
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        f"<title>tempesta-ts {_e(__version__)} status</title><style>{_STYLE}</style></head>",
-        f"<body>\n<h1>tempesta-ts {_e(__version__)}</h1>\n<table>\n",
+        f"<title>tempesta-ts {version} status</title><style>{_STYLE}</style></head>",
+        f"<body>\n<h1>tempesta-ts {version}</h1>\n<table>\n",
         _rows([
-            ("Listening", f"UDP and TCP {_e(shown_host)}:{_e(port)} "
-                          f"({'up' if healthy else 'DOWN'})"),
-            ("Mode", mode),
+            ("Listening", f"{_e(listening.where)} ({'up' if listening.healthy else 'DOWN'})"),
+            ("Mode", _e(describe_mode(snapshot.mode))),
             ("Started", _e(_when(started_at, now))),
             ("Now", _e(iso(now))),
             ("Degraded", "; ".join(
                 f"{_e(d['what'])}: {_e(d['why'])} (since {_e(d['since'])})"
-                for d in degraded_status(server, now)) or "no"),
+                for d in degraded_status(snapshot)) or "no"),
         ]),
         "</table>\n<h2>Reports</h2>\n<table>\n",
         _rows([
-            ("Settling", _e(spool["settling"])),
-            ("Pending in the spool", _e(spool["pending"])),
-            ("Spool bytes", f"{_e(spool['bytes'])} of {_e(spool['max_bytes'])}"),
-            ("Oldest pending", _e(_when(server.spool.oldest_created, now))),
-            ("In flight", _e(spool["in_flight"])),
-            ("Held in memory (the disk refuses them)", _e(spool["held"])),
-            ("Last error", _e(spool["last_error"])),
+            ("Settling", _e(delivery.settling)),
+            ("Pending in the spool", _e(delivery.pending)),
+            ("Spool bytes", f"{_e(delivery.bytes)} of {_e(delivery.max_bytes)}"),
+            ("Oldest pending", _e(_when(delivery.oldest, now))),
+            ("In flight", _e(delivery.in_flight)),
+            ("Held in memory (the disk refuses them)", _e(delivery.held)),
+            ("Last error", _e(delivery.last_error)),
         ]),
         "</table>\n",
     ]
-    registry = server.registry
-    total = len(registry)
-    rows = heapq.nlargest(max_rows, registry, key=lambda i: i.last_seen)
+    total = len(snapshot.instances)
+    rows = heapq.nlargest(max_rows, snapshot.instances, key=lambda i: i.last_seen)
     out.append(f"<h2>Instances ({total})</h2>\n")
     if total > len(rows):
         out.append(
@@ -319,12 +256,12 @@ def status_page(server, started_at: float, now: float, max_rows: int = MAX_ROWS)
         out.append("<p>No instance has sent anything yet.</p>\n")
     if rows:
         out.append("<table>\n" + _INSTANCE_HEADER)
-        out.extend(_instance_row(instance, server, now) for instance in rows)
+        out.extend(_instance_row(instance, now) for instance in rows)
         out.append("</table>\n")
     out.append("<h2>Counters</h2>\n<table>\n")
     out.append("".join(
         f'<tr><th>{_e(k)}</th><td class="n">{_e(v)}</td></tr>\n'
-        for k, v in counters(server.registry.counters()).items()
+        for k, v in snapshot.counters.items()
     ))
     out.append(
         "</table>\n<p><a href=\"/status.json\">/status.json</a> "
@@ -367,12 +304,11 @@ class StatusResource(resource.Resource):
         self.as_json = as_json
 
     def render_GET(self, request) -> bytes:
-        web = self.web
-        now = web.reactor.seconds()
+        snapshot = self.web.snapshot()
         if self.as_json:
-            document = status_document(web.server, web.started_at, now)
+            document = status_document(snapshot, self.web.started_at)
             return _respond(request, "application/json", json.dumps(document) + "\n")
-        page = status_page(web.server, web.started_at, now)
+        page = status_page(snapshot, self.web.started_at)
         return _respond(request, "text/html; charset=utf-8", page)
 
 
@@ -381,14 +317,15 @@ class HealthResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, web: WebService) -> None:
+    def __init__(self, listening: Callable[[], Listening]) -> None:
         super().__init__()
-        self.web = web
+        self.listening = listening
 
     def render_GET(self, request) -> bytes:
-        if is_healthy(self.web.server):
+        listening = self.listening()
+        if listening.healthy:
             return _respond(request, "text/plain; charset=utf-8", "ok\n")
-        reason = "stopping" if not self.web.server.running else "not listening"
+        reason = "stopping" if not listening.running else "not listening"
         return _respond(request, "text/plain; charset=utf-8", f"{reason}\n", code=503)
 
 
@@ -433,7 +370,7 @@ def make_site(web: WebService) -> QuietSite:
     root.putChild(b"metrics", MetricsResource(web.registry))
     root.putChild(b"status", StatusResource(web, as_json=False))
     root.putChild(b"status.json", StatusResource(web, as_json=True))
-    root.putChild(b"healthz", HealthResource(web))
+    root.putChild(b"healthz", HealthResource(web.listeners))
     site = QuietSite(root, reactor=web.reactor)
     site.displayTracebacks = False
     return site
@@ -444,14 +381,17 @@ class WebService(service.Service):
 
     log = get_logger(__name__)
 
-    def __init__(self, server, reactor, host: str, port: int, proc: str = "/proc") -> None:
-        self.server = server
+    def __init__(self, reactor, host: str, port: int, snapshot: Callable[[], Snapshot],
+                 listeners: Callable[[], Listening], collector: ServerCollector) -> None:
         self.reactor = reactor
         self.host = host
         #: 0 picks a free port (tests); the configuration's 0 means no WebService at all.
         self.port = port
-        self.collector = ServerCollector(server, proc)
-        self.registry = make_registry(self.collector)
+        #: The server's state now (tempesta_ts/status.py), and its listeners' alone (cheaper).
+        self.snapshot = snapshot
+        self.listeners = listeners
+        self.collector = collector
+        self.registry = make_registry(collector)
         self.started_at = reactor.seconds()
         self.site = make_site(self)
         self.listening = None
@@ -492,5 +432,4 @@ class WebService(service.Service):
     def url(self) -> str:
         """The base URL, as configured (the port as bound once listening)."""
         port = self.listening.getHost().port if self.listening is not None else self.port
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{port}"
+        return f"http://{host_port(self.host, port)}"

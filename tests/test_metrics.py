@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
@@ -380,6 +381,9 @@ class ProcTests(unittest.TestCase):
         class Port:
             def getHandle(self):
                 return sock
+
+            def getHost(self):
+                return IPv4Address("UDP", "127.0.0.1", 5555)
 
         clock = task.Clock()
         config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp())

@@ -577,9 +577,9 @@ class FlowTests(ReporterTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_on_delivered_gets_the_time_from_spool_to_delivery(self):
-        rep = self.reporter(FakeSupport([Answer(503)]))
         seen = []
-        rep.on_delivered = lambda report_id, seconds: seen.append((report_id, seconds))
+        rep = self.reporter(FakeSupport([Answer(503)]),
+                            on_delivered=lambda report_id, seconds: seen.append((report_id, seconds)))
         self.submit(rep, report(1))
         self.advance(1)
         self.assertEqual(seen, [(report(1)["report_id"], 1.0)])

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.config import Config
 from tempesta_ts.frames import MAX_FRAMES, Frame, first_trace, line_frames
 from tempesta_ts.incidents import Rules
 from tempesta_ts.netconsole import parse_plain_line
+from tempesta_ts.pipeline import build_pipeline
 from tempesta_ts.report import build_report
 from tempesta_ts.titles import MAX_TITLE_CHARS, describe, fingerprint
-from tempesta_ts.tracker import IncidentTracker
 from tests.captures import datagrams
 
 TITLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "titles")
@@ -352,10 +352,12 @@ class ReportTitleTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.stats = Counter()
-        self.registry = BufferRegistry(10, 10_000, 10_000_000, self.stats)
         self.reports = []
-        tracker = IncidentTracker(Rules(), self.clock, 5.0, 300.0, self.make_report, self.submit, self.stats)
-        self.registry.observers.append(tracker.lines_added)
+        config = Config(max_instances=10, buffer_max_lines=10_000, buffer_max_bytes=10_000_000,
+                        settle_seconds=5.0, cooldown_seconds=300.0)
+        # The case is the report sink: submit() keeps each report.
+        self.registry = build_pipeline(config, self.clock, self.stats, [self],
+                                       make_report=self.make_report).registry
 
     def make_report(self, instance, incidents, suppressed):
         return build_report(instance=instance, incidents=incidents, suppressed=suppressed, client_id="c",

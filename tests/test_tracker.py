@@ -8,11 +8,10 @@ from twisted.internet import defer, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from tempesta_ts.buffers import BufferRegistry
-from tempesta_ts.incidents import Rules
+from tempesta_ts.config import Config
 from tempesta_ts.netconsole import Decoder, parse_plain_line
+from tempesta_ts.pipeline import build_pipeline
 from tempesta_ts.report import build_report
-from tempesta_ts.tracker import IncidentTracker
 from tests.captures import datagrams
 
 HOST = "192.0.2.10"
@@ -35,19 +34,13 @@ class TrackerTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.stats = Counter()
-        self.registry = BufferRegistry(10, 10_000, 10_000_000, self.stats)
         self.reports = []
-        self.tracker = IncidentTracker(
-            Rules(),
-            self.clock,
-            settle_seconds=5.0,
-            cooldown_seconds=300.0,
-            make_report=self.make_report,
-            submit=self.submit,
-            stats=self.stats,
-        )
-        self.registry.observers.append(self.tracker.lines_added)
-        self.registry.evicted.append(self.tracker.forget)
+        config = Config(max_instances=10, buffer_max_lines=10_000, buffer_max_bytes=10_000_000,
+                        settle_seconds=5.0, cooldown_seconds=300.0)
+        # The case is the report sink: submit() keeps each report.
+        pipeline = build_pipeline(config, self.clock, self.stats, [self],
+                                  make_report=self.make_report)
+        self.registry, self.tracker = pipeline.registry, pipeline.tracker
 
     def make_report(self, instance, incidents, suppressed):
         return build_report(
@@ -184,12 +177,12 @@ class TrackerTests(unittest.TestCase):
 
 
 class RecordPathTrackerTests(TrackerTests):
-    """The same behaviour when lines come as extended messages kept as packed records, and the
-    registry shows the tracker only lines that can start an incident (as the service sets it)."""
+    """The same behaviour when lines come as extended messages kept as packed records, which
+    the registry shows the tracker only when they can start an incident (its line filter)."""
 
     def setUp(self):
         super().setUp()
-        self.registry.line_filter = self.tracker.rules.line_filter
+        self.assertIs(self.registry.line_filter, self.tracker.rules.line_filter)
         self.seq = 0
 
     def send(self, data: bytes, host: str = HOST):
