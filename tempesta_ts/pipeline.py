@@ -24,6 +24,12 @@ from tempesta_ts.report import Incident, build_report
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
 
+#: The namespace of the lines logged here (every line at debug level, evictions, a document
+#: that cannot be read back) since the service logged them: operators filter by it.
+SERVER_NAMESPACE = "tempesta_ts.service.TroubleshootingService"
+# A module-level Logger, not a class attribute: as a descriptor it would take the class's name.
+_log = get_logger(SERVER_NAMESPACE)
+
 #: Keeps a document read back from disk as the instance's system information (in memory if
 #: there is room: `SystemInfoFactory.hold`).
 Keep = Callable[[Instance, SystemInfo], None]
@@ -32,8 +38,6 @@ Keep = Callable[[Instance, SystemInfo], None]
 class ReportMaker:
     """Makes the report of an instance's incidents (tempesta_ts/report.py) with the instance's
     newest system information, read back from system_info_dir when one is set."""
-
-    log = get_logger(__name__)
 
     def __init__(self, clock, client_id: str | None, stats=None, *, store=None,
                  keep: Keep | None = None, hostname: str | None = None,
@@ -76,7 +80,7 @@ class ReportMaker:
             stored = self.store.load(instance.address)
         except (OSError, ValueError, KeyError, TypeError):
             self.stats["system_info_store_errors"] += 1
-            self.log.failure("Could not read the system information of {instance} in {path}",
+            _log.failure("Could not read the system information of {instance} in {path}",
                              instance=instance.address, path=self.store.directory)
             stored = None
         if stored is not None and (
@@ -91,8 +95,6 @@ class ReportMaker:
 class EvictionNotices:
     """Warns of instances dropped to stay within max_instances, once a minute at most."""
 
-    log = get_logger(__name__)
-
     def __init__(self, clock, limit: int) -> None:
         self.clock = clock
         self.limit = limit
@@ -101,7 +103,7 @@ class EvictionNotices:
     def __call__(self, instance: Instance) -> None:
         held = self._throttle.hit("evict", self.clock.seconds())
         if held is not None:
-            self.log.warn(
+            _log.warn(
                 "Dropped instance {instance} (least recently active) to stay within "
                 "max_instances={limit} ({held} more dropped since the last notice)",
                 instance=instance.address,
@@ -110,13 +112,10 @@ class EvictionNotices:
             )
 
 
-_lines_log = get_logger(__name__)
-
-
 def log_lines(instance: Instance, lines: Sequence[LogLine]) -> None:
     """A line observer for log_level debug: every line received, at debug level."""
     for line in lines:
-        _lines_log.debug(
+        _log.debug(
             "{instance} {text}", instance=instance.address, text=escape(line.text), seq=line.seq
         )
 

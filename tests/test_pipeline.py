@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from tempesta_ts.buffers import SystemInfo
 from tempesta_ts.config import Config
-from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline
+from tempesta_ts.pipeline import SERVER_NAMESPACE, EvictionNotices, ReportMaker, build_pipeline
 from tempesta_ts.sysinfo import SystemInfoStore
 from tests.test_logs import captured
 
@@ -112,8 +112,11 @@ class EvictionNoticeTests(unittest.TestCase):
             pipeline.registry.receive_datagram(f"192.0.2.{n}", b"x\n", clock.seconds())
         clock.advance(61)
         pipeline.registry.receive_datagram("192.0.2.99", b"x\n", clock.seconds())
-        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        warned = [e for e in events if e.get("log_level") == LogLevel.warn]
+        warnings = [formatEvent(e) for e in warned]
         self.assertEqual(len(warnings), 2)
+        # Where operators have always found it.
+        self.assertEqual({e["log_namespace"] for e in warned}, {SERVER_NAMESPACE})
         self.assertEqual(
             warnings[0],
             "Dropped instance 192.0.2.0 (least recently active) to stay within max_instances=2 "
