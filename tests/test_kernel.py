@@ -25,7 +25,7 @@ CACHE = os.environ.get("TS_KERNEL_CACHE") or os.path.join(
 #: The namespace is the test's own, so a fixed port cannot collide.
 PORT = 6666
 #: What the server logs for every kernel line at log level debug: "{instance} {text}".
-KERNEL_LINE = re.compile(r"\[tempesta_ts\.pipeline#debug\] (\S+) (.*)$")
+KERNEL_LINE = re.compile(r"\[tempesta_ts\.service\.TroubleshootingService#debug\] (\S+) (.*)$")
 #: The hello scenario's lines after the boot line, in the order the guest writes them.
 HELLO = ("test-message", "WARNING test message", "after the warning")
 
