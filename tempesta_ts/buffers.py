@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Container, Iterable, Iterator, Sequence
 
 from tempesta_ts.netconsole import (
     RECORD_TEXT,
@@ -170,7 +170,7 @@ class LogBuffer:
 class Instance:
     """One Tempesta FW server, known by its source address."""
 
-    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "watched")
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -180,7 +180,6 @@ class Instance:
         self.decoder = decoder
         self.system_info: SystemInfo | None = None
         #: Set by an observer that must see every line of this instance (an open incident).
-        self.watched = False
 
     @property
     def kernel_release(self) -> str | None:
@@ -210,6 +209,7 @@ class BufferRegistry:
         observers: Iterable[LinesObserver] = (),
         line_filter: LineFilter | None = None,
         evicted: Iterable[Callable[[Instance], None]] = (),
+        watched: Container[str] = frozenset(),
     ) -> None:
         self.max_instances = max_instances
         self.buffer_max_lines = buffer_max_lines
@@ -225,6 +225,9 @@ class BufferRegistry:
         self.line_filter: LineFilter | None = line_filter
         #: Called with each instance dropped by max_instances, in order.
         self.evicted: list[Callable[[Instance], None]] = list(evicted)
+        #: Addresses whose every line the observers see whatever the filter: the tracker's,
+        #: which it keeps while an incident's window is open (the trace, the end marker).
+        self.watched = watched
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -283,7 +286,7 @@ class BufferRegistry:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
             table = self.line_filter
-            if table is not None and not instance.watched and len(record) > RECORD_TEXT:
+            if table is not None and address not in self.watched and len(record) > RECORD_TEXT:
                 entry = table[record[RECORD_TEXT]]
                 if entry is None:
                     return

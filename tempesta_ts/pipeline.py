@@ -180,5 +180,6 @@ def build_pipeline(
         # The tracker needs only lines that can start an incident, or all of a watched one.
         line_filter=None if line_observers else tracker.rules.line_filter,
         evicted=[*evicted, tracker.forget],
+        watched=tracker.watched,
     )
     return Pipeline(registry, tracker, make_report)

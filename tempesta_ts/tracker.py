@@ -94,6 +94,8 @@ class IncidentTracker:
         self._suppressed: Counter = Counter()
         self._pending: set[Deferred] = set()
         self._throttle = Throttle(60.0)
+        #: Addresses with an open window: the registry shows these every line (`watched`).
+        self.watched: set[str] = set()
         #: address -> the instance's latest incident, for the status page.
         self.last_incidents: dict[str, LastIncident] = {}
 
@@ -153,7 +155,7 @@ class IncidentTracker:
         if window is None:
             window = self._windows[instance.address] = _Window(instance, now)
             # Every line counts now (the trace, the end marker), not only incident lines.
-            instance.watched = True
+            self.watched.add(instance.address)
             # Whether it repeats what was reported is known once the trace is in; a line seen
             # in a window lately is most likely a repeat, announced only at debug level.
             seen = self._recent.get(instance.address, {}).get(sig)
@@ -190,7 +192,7 @@ class IncidentTracker:
     def _close(self, address: str) -> None:
         window = self._windows.pop(address)
         instance = window.instance
-        instance.watched = False
+        self.watched.discard(address)
         if window.timer is not None and window.timer.active():
             window.timer.cancel()
         now = self.clock.seconds()

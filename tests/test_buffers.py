@@ -170,12 +170,13 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(len(reg.get("a").buffer), 3)
 
     def test_observers_see_every_line_of_a_watched_instance(self):
-        reg = BufferRegistry(2, 100, 10_000)
-        reg.line_filter = Rules().line_filter
-        seen = []
-        reg.observers.append(lambda instance, lines: seen.extend(l.text for l in lines))
+        seen, watched = [], set()
+        reg = BufferRegistry(
+            2, 100, 10_000, line_filter=Rules().line_filter, watched=watched,
+            observers=[lambda instance, lines: seen.extend(l.text for l in lines)],
+        )
         reg.receive_datagram("a", b"4,1,1,-;before\n", 1.0)
-        reg.get("a").watched = True
+        watched.add("a")
         reg.receive_datagram("a", b"4,2,2,-; dump_stack+0x1/0x2\n", 1.0)
         self.assertEqual(seen, [" dump_stack+0x1/0x2"])
 
