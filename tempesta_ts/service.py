@@ -22,6 +22,7 @@ from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
 from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline, log_lines
+from tempesta_ts.redact import Redactor
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
@@ -183,6 +184,7 @@ class TroubleshootingService(service.MultiService):
         make_report = ReportMaker(
             reactor, config.support_client_id, self.stats, store=self.system_info_store,
             keep=lambda instance, info: tcp.hold(instance, info),
+            redactor=Redactor.of(config),
         )
         pipeline = build_pipeline(
             config, reactor, self.stats, [self.sink], make_report=make_report,
