@@ -283,3 +283,32 @@ class LoopbackTests(unittest.TestCase):
                 self.assertEqual(f.read(8), PNG)
             if keep and name != "report-json":
                 shutil.copy(shot, os.path.join(keep, f"page-{name}.png"))
+
+
+class TokenSettingTests(unittest.TestCase):
+    """status_token is read like the API key: the setting, a file, or the environment; never
+    shown."""
+
+    def test_from_a_file_then_the_environment_and_masked_where_shown(self):
+        from tempesta_ts import config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"  {TOKEN}\n")
+        built = config.build({"status_token_file": path}, {}, {"TEMPESTA_TS_STATUS_TOKEN": "env"})
+        self.assertEqual(built.status_token, TOKEN)
+        self.assertEqual(config.build({}, {}, {"TEMPESTA_TS_STATUS_TOKEN": "env"}).status_token,
+                         "env")
+        self.assertNotIn(TOKEN, json.dumps(built.describe()))
+        self.assertIsNone(config.build({}, {}, {}).status_token)
+
+    def test_an_empty_or_unreadable_token_file_stops_the_start_in_one_line(self):
+        from tempesta_ts import config
+
+        path = self.mktemp()
+        open(path, "w").close()
+        for given in (path, path + ".missing"):
+            with self.assertRaises(config.ConfigError) as caught:
+                config.build({"status_token_file": given}, {}, {})
+            self.assertIn("status_token_file", str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
