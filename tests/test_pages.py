@@ -23,6 +23,7 @@ from tempesta_ts.page_access import given_token, is_loopback, may_read
 from tempesta_ts.pages import PRETTY_MAX_CHARS, system_info_text
 from tempesta_ts.service import TroubleshootingService
 from tempesta_ts.webparts import size
+from tests.captures import datagrams
 from tests.test_reporter import Answer, FakeSupport
 from tests.test_web import StatusCase
 
@@ -220,6 +221,11 @@ class LoopbackTests(unittest.TestCase):
         svc.privilegedStartService()
         svc.startService()
         self.addCleanup(svc.stopService)
+        # Real captures: a boot log and a crash, from two instances.
+        for gram in datagrams("extended-boot-and-warning.txt")[-60:]:
+            svc.udp.datagramReceived(gram, ("127.0.0.3", 6666))
+        for gram in datagrams("plain-sysrq-crash.txt")[-40:]:
+            svc.udp.datagramReceived(gram, ("127.0.0.4", 6666))
         for gram in (HOSTILE, WARNING, b"[   12.400000] Call Trace:\n"):
             svc.udp.datagramReceived(gram, (HOST, 6665))
         svc.tcp.accept(HOST, SYSINFO)
@@ -229,7 +235,7 @@ class LoopbackTests(unittest.TestCase):
     def settled(self, svc) -> defer.Deferred:
         # settle_seconds 0: the report is made on the reactor's next turn.
         for _ in range(50):
-            if svc.stats["reports_created"]:
+            if svc.stats["reports_created"] >= 3:
                 return
             d = defer.Deferred()
             reactor.callLater(0.01, d.callback, None)
@@ -249,7 +255,10 @@ class LoopbackTests(unittest.TestCase):
                              [b"text/html; charset=utf-8"])
         self.assertIn(f'href="/instances/{HOST}"', pages["/status"])
         self.assertIn("WARNING in dev_xmit", pages[f"/instances/{HOST}"])
-        [report_id] = re.findall(r'href="/reports/([0-9a-f]+)\.json"', pages["/reports"])
+        report_ids = re.findall(r'href="/reports/([0-9a-f]+)\.json"', pages["/reports"])
+        self.assertEqual(len(report_ids), 3)
+        report_id = svc.recent.of_instance(HOST)[0].report_id
+        self.assertIn(report_id, report_ids)
         response = yield agent.request(
             b"GET", f"{svc.web.url}/reports/{report_id}.json".encode("ascii"),
             Headers({b"authorization": [b"Bearer unused-from-loopback"]}))
@@ -264,7 +273,7 @@ class LoopbackTests(unittest.TestCase):
         yield self.settled(svc)
         home = self.mktemp()
         os.makedirs(home)
-        report_id = svc.recent.summaries()[0].report_id
+        report_id = svc.recent.of_instance(HOST)[0].report_id
         pages = {"instance": f"/instances/{HOST}", "reports": "/reports", "status": "/status",
                  "report-json": f"/reports/{report_id}.json"}
         keep = os.environ.get(SCREENSHOTS_ENV)
