@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from tempesta_ts.incidents import KINDS as INCIDENT_KINDS
 
 API_KEY_ENV = "TEMPESTA_TS_SUPPORT_API_KEY"
+STATUS_TOKEN_ENV = "TEMPESTA_TS_STATUS_TOKEN"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 MiB = 1024 * 1024
 
@@ -118,6 +119,18 @@ def _choice(choices: tuple[str, ...]) -> Kind:
     return Kind(expected, check, check)
 
 
+def _log_level() -> Kind:
+    # Python's logging (and the vendor's env.json users) spell it "warning".
+    base = _choice(LOG_LEVELS)
+
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() == "warning":
+            return "warn"
+        return base.parse_json(value.strip() if isinstance(value, str) else value)
+
+    return Kind(base.expected + " (warning is warn)", check, check)
+
+
 def _ip_address(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -169,6 +182,45 @@ def _incident_pattern(value: Any) -> tuple[str, str]:
     return (value["kind"], _regex(value["regex"]))
 
 
+def _replacement_checked(pattern: re.Pattern, replacement: str) -> None:
+    # A bad group reference (\\2 of a one-group regex) would only fail at the first match.
+    try:
+        from re import _parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover
+        import sre_parse as parser
+    try:
+        parser.parse_template(replacement, pattern)
+    except re.error as e:
+        raise ValueError(
+            f"a replacement valid for its regex; {replacement!r} for {pattern.pattern!r}: {e}"
+        ) from None
+    except (AttributeError, TypeError):  # pragma: no cover - another Python's private API
+        pass
+
+
+def _redaction(value: Any) -> tuple[str, str]:
+    expected = 'a list of {"regex": R, "replacement": S} objects'
+    if not isinstance(value, dict) or set(value) != {"regex", "replacement"}:
+        raise ValueError(expected)
+    if not isinstance(value["replacement"], str):
+        raise ValueError(f"{expected}; the replacement {value['replacement']!r} is no string")
+    regex = _regex(value["regex"])
+    _replacement_checked(re.compile(regex), value["replacement"])
+    return (regex, value["replacement"])
+
+
+def _json_list_text(kind: Kind, example: str) -> Callable[[str], tuple]:
+    # On the command line such a list is given as JSON, as in the file.
+    def from_text(text: str) -> tuple:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"JSON such as {example}") from None
+        return kind.parse_json(value)
+
+    return from_text
+
+
 def _incident_patterns_text(text: str) -> tuple:
     # On the command line the list is given as JSON, as in the file.
     try:
@@ -189,6 +241,9 @@ CIDRS = _list_of(_cidr, 'a list of CIDRs such as ["10.0.0.0/8", "2001:db8::/32"]
 PATTERNS = _list_of(_regex, "a list of regular expressions (strings)")
 INCIDENT_PATTERNS = _list_of(_incident_pattern, 'a list of {"kind": K, "regex": R} objects')
 INCIDENT_PATTERNS = replace(INCIDENT_PATTERNS, parse_text=_incident_patterns_text)
+REDACTIONS = _list_of(_redaction, 'a list of {"regex": R, "replacement": S} objects')
+REDACTIONS = replace(REDACTIONS, parse_text=_json_list_text(
+    REDACTIONS, '[{"regex": "token=\\\\S+", "replacement": "token=X"}]'))
 
 
 def _setting(default: Any, kind: Kind, help: str, *, secret: bool = False) -> Any:
@@ -217,7 +272,7 @@ class Config:
         (), CIDRS, "CIDRs allowed to send, comma-separated (empty: everyone)."
     )
     log_level: str = _setting(
-        "info", _choice(LOG_LEVELS), "debug, info, warn or error; debug logs every message received."
+        "info", _log_level(), "debug, info, warn or error; debug logs every message received."
     )
     udp_receive_buffer_bytes: int = _setting(
         8 * MiB,
@@ -294,6 +349,23 @@ class Config:
     )
     metrics_host: str = _setting("127.0.0.1", HOST_ADDRESS, "Address of the metrics endpoint.")
     metrics_port: int = _setting(9478, OFF_OR_PORT, "Port of the /metrics endpoint.")
+    status_token: str | None = _setting(
+        None,
+        TEXT,
+        "Token that lets non-loopback clients read the pages showing log text and reports "
+        f"(better: status_token_file or ${STATUS_TOKEN_ENV}); without it only loopback may.",
+        secret=True,
+    )
+    status_token_file: str | None = _setting(None, PATH, "File holding only the status token.")
+    report_redactions: tuple = _setting(
+        (),
+        REDACTIONS,
+        'Rewrites applied to what a report sends (log lines, incidents, system information), '
+        'JSON: [{"regex": R, "replacement": S}, ...].',
+    )
+    report_exclude_patterns: tuple = _setting(
+        (), PATTERNS, "Regexes of log lines never sent in a report, comma-separated."
+    )
 
     @property
     def standalone(self) -> bool:
@@ -410,6 +482,8 @@ def build(
     config = Config(**values)
     if config.support_api_key is None:
         config = replace(config, support_api_key=_api_key_from(config, environ))
+    if config.status_token is None:
+        config = replace(config, status_token=_status_token_from(config, environ))
     _check(config)
     return config
 
@@ -473,6 +547,25 @@ def _api_key_from(config: Config, environ: Mapping[str, str]) -> str | None:
             )
         return key
     return environ.get(API_KEY_ENV) or None
+
+
+def _status_token_from(config: Config, environ: Mapping[str, str]) -> str | None:
+    # Read as the API key is: a file holding only it, else the environment.
+    path = config.status_token_file
+    if path is None:
+        return environ.get(STATUS_TOKEN_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"status_token_file: cannot read {path!r} ({reason}); "
+            "expected a readable file holding only the token"
+        ) from None
+    if not token:
+        raise ConfigError(f"status_token_file: {path!r} is empty; expected a file holding the token")
+    return token
 
 
 def _check(config: Config) -> None:

@@ -20,6 +20,7 @@ from tempesta_ts.config import Config
 from tempesta_ts.incidents import Rules
 from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
+from tempesta_ts.redact import Redactor
 from tempesta_ts.report import Incident, build_report
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.tracker import IncidentTracker
@@ -41,7 +42,7 @@ class ReportMaker:
 
     def __init__(self, clock, client_id: str | None, stats=None, *, store=None,
                  keep: Keep | None = None, hostname: str | None = None,
-                 version: str = __version__) -> None:
+                 version: str = __version__, redactor: Redactor | None = None) -> None:
         self.clock = clock
         self.client_id = client_id
         self.stats = stats
@@ -50,6 +51,8 @@ class ReportMaker:
         self.keep = keep
         self.hostname = socket.gethostname() if hostname is None else hostname
         self.version = version
+        #: report_redactions and report_exclude_patterns: what the sinks get may leave the site.
+        self.redactor = redactor
 
     def __call__(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
         shown = instance.system_info
@@ -58,7 +61,7 @@ class ReportMaker:
         # A document kept only on disk lends its text to this report, not to memory.
         held, instance.system_info = instance.system_info, shown
         try:
-            return build_report(
+            report = build_report(
                 instance=instance,
                 incidents=incidents,
                 suppressed=suppressed,
@@ -69,6 +72,7 @@ class ReportMaker:
             )
         finally:
             instance.system_info = held
+        return report if self.redactor is None else self.redactor(report)
 
     def newest_system_info(self, instance: Instance) -> SystemInfo | None:
         """The instance's newest document with its text, read from system_info_dir when memory
@@ -161,7 +165,8 @@ def build_pipeline(
     called with each instance dropped, before the tracker reports its open window.
     """
     if make_report is None:
-        make_report = ReportMaker(clock, config.support_client_id, stats)
+        make_report = ReportMaker(clock, config.support_client_id, stats,
+                                  redactor=Redactor.of(config))
     tracker = IncidentTracker(
         Rules(config.incident_patterns, config.ignore_patterns),
         clock,

@@ -9,6 +9,7 @@ docs/probe.md says what each message means and what to do.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -45,6 +46,8 @@ from tempesta_ts.probe_status import (
     same_address,
 )
 
+#: Where the probe finds the server's status_token (the server reads the same variable).
+STATUS_TOKEN_ENV = "TEMPESTA_TS_STATUS_TOKEN"
 #: Between two reads of /status.json (each costs the server about 0.2 s at 10,000 instances).
 POLL_SECONDS = 0.25
 #: One read of /status.json waits at most this long (and never past the step's deadline).
@@ -76,8 +79,11 @@ class Probe:
         *,
         poll_interval: float = POLL_SECONDS,
         nonce: str | None = None,
+        status_token: str | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The server's status_token, for a /status.json not on loopback (else 403).
+        self._headers = {"Authorization": f"Bearer {status_token}"} if status_token else None
         self.host = options["host"]
         self.port = options["port"]
         self.url = options["status-url"]
@@ -141,12 +147,20 @@ class Probe:
         """/status.json, parsed and checked; raises ProbeFailed."""
         remaining = max(0.1, min(REQUEST_SECONDS, deadline - self.reactor.seconds()))
         try:
-            response = yield self._http.get(self.url, reactor=self.reactor, timeout=remaining)
+            response = yield self._http.get(self.url, headers=self._headers, reactor=self.reactor,
+                                            timeout=remaining)
             # treq's timeout ends with the headers; a body that stalls is bounded here.
             remaining = max(0.1, deadline - self.reactor.seconds())
             body = yield response.content().addTimeout(remaining, self.reactor)
         except Exception:
             raise request_failure(self.url, Failure()) from None
+        if response.code == 403:
+            raise ProbeFailed(
+                f"{self.url} answered HTTP 403: it shows log text only to loopback clients "
+                "and to those that give the server's status_token",
+                f"run the probe with ${STATUS_TOKEN_ENV} set to the server's status_token, or "
+                "on the server's host",
+            )
         if response.code != 200:
             raise ProbeFailed(
                 f"{self.url} answered HTTP {response.code}, not the status document",
@@ -531,7 +545,7 @@ def _print(line: str) -> None:
 
 def probe(reactor, options: Options, out: Callable[[str], None] = _print) -> defer.Deferred:
     """Run the probe; fires with the exit status (0 or 1)."""
-    return Probe(reactor, options, out).run()
+    return Probe(reactor, options, out, status_token=os.environ.get(STATUS_TOKEN_ENV)).run()
 
 
 def _react_main(reactor, options: Options):

@@ -150,6 +150,14 @@ class Reporter(service.Service):
             return "pending"
         return self._outcomes.get(report_id)
 
+    def attempts_of(self, report_id: str) -> tuple[int | None, str | None]:
+        """Attempts made to deliver a report and its last failure (the operators' pages);
+        (None, None) for one not known."""
+        state = self._states.get(report_id)
+        if state is not None:
+            return state.attempts, state.last_error
+        return self._outcomes.attempts(report_id), None
+
     @property
     def in_flight(self) -> int:
         """Requests under way."""
@@ -374,7 +382,7 @@ class Reporter(service.Service):
                            reason=e.strerror)
             self.spool.forget(entry)
         self.stats["reports_delivered"] += 1
-        self._outcomes.ended(entry.report_id, "delivered")
+        self._outcomes.ended(entry.report_id, "delivered", state.attempts)
         latency = now - entry.created
         if self._failing:
             self._failing = False
@@ -395,10 +403,10 @@ class Reporter(service.Service):
                 self.log.failure("on_delivered failed")
 
     def _rejected(self, entry: SpooledReport, status: int, quote: bytes) -> None:
-        self._states.pop(entry.report_id, None)
+        state = self._states.pop(entry.report_id, DeliveryState())
         path = self.spool.reject(entry)
         self.stats["reports_rejected"] += 1
-        self._outcomes.ended(entry.report_id, "rejected")
+        self._outcomes.ended(entry.report_id, "rejected", state.attempts)
         self.last_error = f"HTTP {status}: report {entry.report_id} rejected"
         self.last_error_kind = "rejected"
         self.log.error(

@@ -17,11 +17,14 @@ from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.config import Config
 from tempesta_ts.degraded import Degradations
+from tempesta_ts.detail import DetailSource
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.intake import Intake
 from tempesta_ts.log import get_logger
 from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
 from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline, log_lines
+from tempesta_ts.recent import RecentReports
+from tempesta_ts.redact import Redactor
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
@@ -183,9 +186,12 @@ class TroubleshootingService(service.MultiService):
         make_report = ReportMaker(
             reactor, config.support_client_id, self.stats, store=self.system_info_store,
             keep=lambda instance, info: tcp.hold(instance, info),
+            redactor=Redactor.of(config),
         )
+        # The reports made lately, for the operators' pages (/reports).
+        self.recent = RecentReports(reactor)
         pipeline = build_pipeline(
-            config, reactor, self.stats, [self.sink], make_report=make_report,
+            config, reactor, self.stats, [self.sink, self.recent], make_report=make_report,
             line_observers=[log_lines] if config.log_level == "debug" else [],
             evicted=[EvictionNotices(reactor, config.max_instances)],
         )
@@ -217,8 +223,12 @@ class TroubleshootingService(service.MultiService):
         self.web: WebService | None = None
         if config.metrics_port:
             collector = ServerCollector(self.status, self.listeners.udp_socket, delivery_times)
+            detail = DetailSource(reactor, registry=self.registry, tracker=self.tracker,
+                                  sink=self.sink, recent=self.recent, status=self.status,
+                                  reporter=self.reporter)
             self.web = WebService(reactor, config.metrics_host, config.metrics_port,
-                                  self.status, self.status.listening, collector)
+                                  self.status, self.status.listening, collector,
+                                  detail=detail, status_token=config.status_token)
             self.web.setServiceParent(self)
 
     @inlineCallbacks

@@ -41,17 +41,23 @@ class Outcomes:
 
     def __init__(self, limit: int = MAX_OUTCOMES) -> None:
         self.limit = limit
-        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._ended: collections.OrderedDict[str, tuple[str, int | None]] = (
+            collections.OrderedDict()
+        )
 
-    def ended(self, report_id: str, outcome: str) -> None:
-        """Remember how a report ended."""
-        self._ended[report_id] = outcome
+    def ended(self, report_id: str, outcome: str, attempts: int | None = None) -> None:
+        """Remember how a report ended, and after how many attempts to deliver it."""
+        self._ended[report_id] = (outcome, attempts)
         while len(self._ended) > self.limit:
             self._ended.popitem(last=False)
 
     def get(self, report_id: str) -> str:
         """How a report ended, or unknown."""
-        return self._ended.get(report_id, "unknown")
+        return self._ended.get(report_id, ("unknown", None))[0]
+
+    def attempts(self, report_id: str) -> int | None:
+        """The attempts it took to deliver (or have rejected) a report; None if not known."""
+        return self._ended.get(report_id, ("unknown", None))[1]
 
 
 def write_failed(log, stats, report_id, directory: str, error: Exception) -> None:

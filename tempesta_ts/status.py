@@ -264,6 +264,10 @@ class StatusSource:
             held=spool.held,
         )
 
+    def instance_status(self, instance) -> InstanceStatus:
+        """One instance (an `Instance` of the registry) as the pages show it."""
+        return self._instance(instance)
+
     def _instance(self, instance) -> InstanceStatus:
         info, buffer = instance.system_info, instance.buffer
         document = None if info is None else Document(info.received_at, info.size, info.format)

@@ -1,4 +1,5 @@
-"""The operator's HTTP endpoint: /metrics, /status, /status.json and /healthz.
+"""The operator's HTTP endpoint: /metrics, /status, /status.json and /healthz (the operators'
+pages, /instances/... and /reports..., are in tempesta_ts/pages.py).
 
 Every page is rendered synchronously from a snapshot of the server's state made at request time
 (tempesta_ts/status.py), so a scrape costs nothing between scrapes. Log lines come from the
@@ -8,7 +9,6 @@ wire: the HTML page escapes everything.
 from __future__ import annotations
 
 import heapq
-import html
 import ipaddress
 import json
 from typing import Any, Callable
@@ -20,12 +20,20 @@ from twisted.internet.error import CannotListenError
 from twisted.web import resource, server
 
 from tempesta_ts import __version__
+from tempesta_ts.detail import DetailSource
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.hosts import host_port
 from tempesta_ts.log import get_logger
 from tempesta_ts.metrics import ServerCollector, make_registry
 from tempesta_ts.report import iso
+from tempesta_ts.pages import InstanceResource, ReportsResource, guarded, instance_href, link_suffix
 from tempesta_ts.status import Delivery, InstanceStatus, Listening, Snapshot, describe_mode
+from tempesta_ts.webparts import HEADERS as _HEADERS
+from tempesta_ts.webparts import STYLE as _STYLE
+from tempesta_ts.webparts import duration
+from tempesta_ts.webparts import e as _e
+from tempesta_ts.webparts import respond as _respond
+from tempesta_ts.webparts import when as _when
 
 #: Instances listed on the HTML page, most recently seen first; /status.json lists all.
 MAX_ROWS = 500
@@ -34,22 +42,6 @@ HTML_LINE_CHARS = 300
 #: Characters of an incident line in /status.json (the kernel's lines are under 1 KiB; this
 #: bounds what a forged one costs when 10,000 instances are listed).
 JSON_LINE_CHARS = 4096
-
-_HEADERS = {
-    b"cache-control": b"no-store",
-    b"x-content-type-options": b"nosniff",
-    # No script, no external asset: even an escaping bug could not run anything.
-    b"content-security-policy": b"default-src 'none'; style-src 'unsafe-inline'",
-}
-
-
-def _respond(request, content_type: str, body: str | bytes, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", content_type.encode("ascii"))
-    for name, value in _HEADERS.items():
-        request.setHeader(name, value)
-    return body.encode("utf-8") if isinstance(body, str) else body
-
 
 # --- what the pages show -------------------------------------------------------------------
 
@@ -141,40 +133,9 @@ def status_document(snapshot: Snapshot, started_at: float) -> dict[str, Any]:
 # --- the HTML page -------------------------------------------------------------------------
 
 
-def duration(seconds: float) -> str:
-    """A rough human duration: 42 s, 5 min, 3 h 20 min, 2 d 4 h."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
-
-
-def _when(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "—"
-    return f"{iso(ts)} ({duration(now - ts)} ago)"
-
-
-def _e(value: Any) -> str:
-    return html.escape("—" if value is None else str(value), quote=True)
-
-
 def _rows(pairs) -> str:
     return "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>\n" for k, v in pairs)
 
-
-_STYLE = (
-    "body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
-    "th,td{border:1px solid #aaa;padding:2px 6px;text-align:left;vertical-align:top}"
-    "td.n{text-align:right}code{white-space:pre-wrap;word-break:break-all}"
-)
 
 _INSTANCE_HEADER = (
     "<tr><th>Address</th><th>Kernel</th><th>Last seen</th><th>First seen</th><th>Lines</th>"
@@ -183,7 +144,7 @@ _INSTANCE_HEADER = (
 )
 
 
-def _instance_row(instance: InstanceStatus, now: float) -> str:
+def _instance_row(instance: InstanceStatus, now: float, suffix: str = "") -> str:
     info, last = instance.system_info, instance.last_incident
     sysinfo = (
         "—" if info is None
@@ -200,7 +161,7 @@ def _instance_row(instance: InstanceStatus, now: float) -> str:
             + f"<code>{_e(_clip(last.line, HTML_LINE_CHARS))}</code>"
         )
     cells = (
-        _e(instance.address),
+        f"<a href=\"{instance_href(instance.address, suffix)}\">{_e(instance.address)}</a>",
         _e(instance.kernel_release),
         _e(_when(instance.last_seen, now)),
         _e(iso(instance.first_seen)),
@@ -213,8 +174,10 @@ def _instance_row(instance: InstanceStatus, now: float) -> str:
     )
 
 
-def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS) -> str:
-    """The /status page: plain tables, readable in lynx or w3m."""
+def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS,
+                suffix: str = "") -> str:
+    """The /status page: plain tables, readable in lynx or w3m; `suffix` (``?token=...``) is
+    carried by its links to the other pages that show log text."""
     now, listening, delivery = snapshot.now, snapshot.listening, snapshot.delivery
     version = _e(snapshot.version)
     out = [
@@ -239,6 +202,7 @@ def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS)
             ("In flight", _e(delivery.in_flight)),
             ("Held in memory (the disk refuses them)", _e(delivery.held)),
             ("Last error", _e(delivery.last_error)),
+            ("Recent reports", f"<a href=\"{_e('/reports' + suffix)}\">/reports</a>"),
         ]),
         "</table>\n",
     ]
@@ -256,7 +220,7 @@ def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS)
         out.append("<p>No instance has sent anything yet.</p>\n")
     if rows:
         out.append("<table>\n" + _INSTANCE_HEADER)
-        out.extend(_instance_row(instance, now) for instance in rows)
+        out.extend(_instance_row(instance, now, suffix) for instance in rows)
         out.append("</table>\n")
     out.append("<h2>Counters</h2>\n<table>\n")
     out.append("".join(
@@ -264,7 +228,8 @@ def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS)
         for k, v in snapshot.counters.items()
     ))
     out.append(
-        "</table>\n<p><a href=\"/status.json\">/status.json</a> "
+        f"</table>\n<p><a href=\"{_e('/status.json' + suffix)}\">/status.json</a> "
+        f"<a href=\"{_e('/reports' + suffix)}\">/reports</a> "
         "<a href=\"/metrics\">/metrics</a> <a href=\"/healthz\">/healthz</a></p>\n"
         "</body></html>\n"
     )
@@ -303,12 +268,14 @@ class StatusResource(resource.Resource):
         self.web = web
         self.as_json = as_json
 
+    @guarded
     def render_GET(self, request) -> bytes:
+        """The page or the document (they show incident lines: loopback or the token)."""
         snapshot = self.web.snapshot()
         if self.as_json:
             document = status_document(snapshot, self.web.started_at)
             return _respond(request, "application/json", json.dumps(document) + "\n")
-        page = status_page(snapshot, self.web.started_at)
+        page = status_page(snapshot, self.web.started_at, suffix=link_suffix(request))
         return _respond(request, "text/html; charset=utf-8", page)
 
 
@@ -341,6 +308,8 @@ class IndexResource(resource.Resource):
             f"<h1>tempesta-ts {_e(__version__)}</h1>\n<ul>\n"
             "<li><a href=\"/status\">/status</a>: instances, incidents, reports</li>\n"
             "<li><a href=\"/status.json\">/status.json</a>: the same, all instances, JSON</li>\n"
+            "<li><a href=\"/reports\">/reports</a>: the reports made lately, where each stands"
+            "</li>\n"
             "<li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n"
             "<li><a href=\"/healthz\">/healthz</a>: 200 while listening</li>\n"
             "</ul></body></html>\n"
@@ -371,6 +340,8 @@ def make_site(web: WebService) -> QuietSite:
     root.putChild(b"status", StatusResource(web, as_json=False))
     root.putChild(b"status.json", StatusResource(web, as_json=True))
     root.putChild(b"healthz", HealthResource(web.listeners))
+    root.putChild(b"instances", InstanceResource(web))
+    root.putChild(b"reports", ReportsResource(web))
     site = QuietSite(root, reactor=web.reactor)
     site.displayTracebacks = False
     return site
@@ -382,7 +353,8 @@ class WebService(service.Service):
     log = get_logger(__name__)
 
     def __init__(self, reactor, host: str, port: int, snapshot: Callable[[], Snapshot],
-                 listeners: Callable[[], Listening], collector: ServerCollector) -> None:
+                 listeners: Callable[[], Listening], collector: ServerCollector, *,
+                 detail: DetailSource | None = None, status_token: str | None = None) -> None:
         self.reactor = reactor
         self.host = host
         #: 0 picks a free port (tests); the configuration's 0 means no WebService at all.
@@ -391,6 +363,10 @@ class WebService(service.Service):
         self.snapshot = snapshot
         self.listeners = listeners
         self.collector = collector
+        #: The operators' pages' reader (an instance's lines, the recent reports).
+        self.detail = detail
+        #: Lets non-loopback clients read the pages that show log text (page_access.py).
+        self.status_token = status_token
         self.registry = make_registry(collector)
         self.started_at = reactor.seconds()
         self.site = make_site(self)

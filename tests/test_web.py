@@ -190,7 +190,7 @@ class StatusPageTests(StatusCase):
         for n in range(total):
             svc.registry.touch(f"10.0.{n // 256}.{n % 256}", EPOCH + n)
         page = self.page(svc)
-        rows = re.findall(r"<tr><td>(10\.0\.\d+\.\d+)</td>", page)
+        rows = re.findall(r"<tr><td><a href=\"/instances/[^\"]+\">(10\.0\.\d+\.\d+)</a></td>", page)
         self.assertEqual(len(rows), MAX_ROWS)
         newest = total - 1
         self.assertEqual(rows[0], f"10.0.{newest // 256}.{newest % 256}")
