@@ -25,8 +25,8 @@ from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.hosts import host_port
 from tempesta_ts.log import get_logger
 from tempesta_ts.metrics import ServerCollector, make_registry
-from tempesta_ts.report import iso
 from tempesta_ts.pages import InstanceResource, ReportsResource, guarded, instance_href, link_suffix
+from tempesta_ts.report import iso
 from tempesta_ts.status import Delivery, InstanceStatus, Listening, Snapshot, describe_mode
 from tempesta_ts.webparts import HEADERS as _HEADERS
 from tempesta_ts.webparts import STYLE as _STYLE

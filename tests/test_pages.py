@@ -138,7 +138,7 @@ class InstancePageTests(PagesCase):
         lines = re.findall(r"<code>([^<]*)</code>", page)
         self.assertEqual(len(lines), PAGE_LINES)
         self.assertEqual(lines[0], "line 202")
-        self.assertIn(f"The latest 1,000 of 1,201 lines held", page)
+        self.assertIn("The latest 1,000 of 1,201 lines held", page)
         marked = re.findall(r'<tr class="i">.*?<td class="t">([^<]*)</td>', page)
         self.assertEqual(marked, ["WARNING in dev_xmit"])
         self.assertIn('"current_kernel": "6.1.0-56-amd64"', page.replace("&quot;", '"'))
