@@ -150,9 +150,12 @@ class TroubleshootingService(service.MultiService):
     log = get_logger(__name__)
     announcements = Logger(namespace=__name__)
 
-    def __init__(self, config: Config, reactor, http_client=None) -> None:
+    def __init__(self, config: Config, reactor, http_client=None,
+                 config_file: str | None = None) -> None:
         super().__init__()
         self.config = config
+        #: The JSON file the settings came from (named in the start-up line), or None.
+        self.config_file = config_file
         self.reactor = reactor
         # A plain dict of every known counter rather than a Counter: the hot path adds to
         # some of them for every datagram, and only an exact dict gets CPython's fast path.
@@ -267,4 +270,6 @@ class TroubleshootingService(service.MultiService):
 
     def summary(self) -> str:
         """The start-up line: where it listens, what it got, where reports go."""
-        return startup_line(self.status(), self.web.url if self.web is not None else None)
+        line = startup_line(self.status(), self.web.url if self.web is not None else None)
+        where = f"config {self.config_file}" if self.config_file else "no config file"
+        return f"{line}; {where}"
