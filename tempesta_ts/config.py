@@ -467,6 +467,8 @@ def ineffective_settings(config: Config, given: Mapping[str, Any]) -> list[str]:
         unused = sorted(
             k for k, v in given.items()
             if (k.startswith("support_") or k == "skip_ssl_verification") and v != default_of(k)
+            # The key's own warnings (api_key_exposures) say what matters about it.
+            and not k.startswith("support_api_key")
         )
         if unused:
             warnings.append(
