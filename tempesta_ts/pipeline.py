@@ -182,3 +182,18 @@ def build_pipeline(
         evicted=[*evicted, tracker.forget],
     )
     return Pipeline(registry, tracker, make_report)
+
+
+def reconfigure_pipeline(pipeline: Pipeline, config: Config) -> None:
+    """Take reloaded rules and timings (SIGHUP): new windows use them, open ones keep theirs;
+    log_level debug adds the observer logging every line, leaving it removes it."""
+    tracker, registry = pipeline.tracker, pipeline.registry
+    tracker.reconfigure(Rules(config.incident_patterns, config.ignore_patterns),
+                        config.settle_seconds, config.cooldown_seconds)
+    if config.log_level == "debug" and log_lines not in registry.observers:
+        registry.observers.insert(0, log_lines)
+    elif config.log_level != "debug" and log_lines in registry.observers:
+        registry.observers.remove(log_lines)
+    # The filter spares decoding only while the tracker is the one observer.
+    alone = registry.observers == [tracker.lines_added]
+    registry.line_filter = tracker.rules.line_filter if alone else None

@@ -132,9 +132,21 @@ class Reporter(service.Service):
         self._stop_waiter: defer.Deferred | None = None
         self._failing = False
         self._notices = Throttle(NOTICE_INTERVAL)
+        self._http_client = http_client
+        self._connect_timeout = connect_timeout
         self.client = SupportClient(config, reactor, http_client, max_connections=max_in_flight,
                                     connect_timeout=connect_timeout)
         self.host, self.url = self.client.host, self.client.url
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded API key and CA (re-read from their files); the next attempts use
+        them, those under way finish with the old. Raises ConfigError (a CA bundle that does
+        not parse) before anything changes."""
+        client = SupportClient(config, self.clock, self._http_client,
+                               max_connections=self.max_in_flight,
+                               connect_timeout=self._connect_timeout)
+        old, self.client, self.config = self.client, client, config
+        old.close()
 
     # -- status ---------------------------------------------------------------------------
 

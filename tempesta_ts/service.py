@@ -5,6 +5,7 @@ nothing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from twisted.application import service
@@ -19,13 +20,15 @@ from tempesta_ts.config import Config
 from tempesta_ts.degraded import Degradations
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.intake import Intake
-from tempesta_ts.log import get_logger
+from tempesta_ts.log import get_logger, set_level
 from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
-from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline, log_lines
+from tempesta_ts.pipeline import (
+    EvictionNotices, ReportMaker, build_pipeline, log_lines, reconfigure_pipeline,
+)
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
-from tempesta_ts.status import StatusSource, startup_line
+from tempesta_ts.status import StatusSource, startup_line, tls_mode
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
 from tempesta_ts.throttle import Throttle
 from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
@@ -192,8 +195,9 @@ class TroubleshootingService(service.MultiService):
             line_observers=[log_lines] if config.log_level == "debug" else [],
             evicted=[EvictionNotices(reactor, config.max_instances)],
         )
+        self.pipeline = pipeline
         self.registry, self.tracker = pipeline.registry, pipeline.tracker
-        intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
+        self.intake = intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
         self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
         self.tcp = tcp = SystemInfoFactory(
             intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
@@ -216,6 +220,9 @@ class TroubleshootingService(service.MultiService):
             registry=self.registry, tracker=self.tracker, sink=self.sink, spool=self.spool,
             reporter=self.reporter, degradations=self.degradations,
         )
+        #: Other parts that take reloaded settings live: each has ``reconfigure(config)`` and
+        #: adds its keys to reload.RELOADABLE (the archive, ClickHouse, redactions).
+        self.reconfigurable: list = []
         # After the listeners: a failure to bind the main port is reported first.
         self.web: WebService | None = None
         if config.metrics_port:
@@ -223,6 +230,24 @@ class TroubleshootingService(service.MultiService):
             self.web = WebService(reactor, config.metrics_host, config.metrics_port,
                                   self.status, self.status.listening, collector)
             self.web.setServiceParent(self)
+
+    def reconfigure(self, config: Config) -> None:
+        """Make reloaded settings live (SIGHUP, tempesta_ts/reload.py): only the keys of
+        `reload.RELOADABLE` differ from the running ones. The Reporter goes first: a CA bundle
+        that does not parse refuses the reload (ConfigError) before anything changed."""
+        if self.reporter is not None:
+            self.reporter.reconfigure(config)
+        set_level(config.log_level)
+        self.intake.sources = SourceFilter(config.allowed_sources)
+        reconfigure_pipeline(self.pipeline, config)
+        for component in self.reconfigurable:
+            component.reconfigure(config)
+        self.config = config
+        # What the pages and the start-up line show of the mode follows.
+        self.status.mode = replace(
+            self.status.mode, tls=tls_mode(config), ca_file=config.support_ca_file,
+            sources=tuple(map(str, config.allowed_sources)), log_level=config.log_level,
+        )
 
     @inlineCallbacks
     def stopService(self):

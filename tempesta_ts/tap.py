@@ -13,6 +13,7 @@ from tempesta_ts import __version__
 from tempesta_ts import config as settings
 from tempesta_ts import log
 from tempesta_ts.errors import StartupError
+from tempesta_ts.reload import Signals
 from tempesta_ts.service import TroubleshootingService
 from tempesta_ts.status import systemd_status
 from tempesta_ts.systemd import SystemdNotifier
@@ -124,6 +125,8 @@ class Options(usage.Options):
             self.config = settings.build(from_file, given)
         except settings.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        #: The flags given, applied again over the file on each reload (SIGHUP).
+        self.given = given
         self.warnings = settings.api_key_exposures(self["config"], from_file, given, self.config)
         self.warnings += settings.ineffective_settings(self.config, {**from_file, **given})
 
@@ -150,6 +153,12 @@ def makeService(
     except settings.ConfigError as e:
         # What only shows when it is used (a CA bundle that does not parse).
         raise StartupError(str(e)) from None
+    path, given = options["config"], dict(options.given)
+    Signals(
+        reactor, path,
+        load=lambda: settings.build(settings.load_file(path) if path else {}, given),
+        current=lambda: server.config, apply=server.reconfigure,
+    ).setServiceParent(server)
     environ = os.environ if environ is None else environ
     status = server.status.listening
     SystemdNotifier(reactor, environ, lambda: systemd_status(status())).setServiceParent(server)

@@ -97,6 +97,13 @@ class IncidentTracker:
         #: address -> the instance's latest incident, for the status page.
         self.last_incidents: dict[str, LastIncident] = {}
 
+    def reconfigure(self, rules: Rules, settle_seconds: float, cooldown_seconds: float) -> None:
+        """Reloaded rules and timings (SIGHUP); windows already open keep their timers."""
+        self.rules = rules
+        self.settle = settle_seconds
+        self.cooldown = cooldown_seconds
+        self.max_window = min(MAX_WINDOW_SECONDS, max(settle_seconds * MAX_WINDOW_FACTOR, settle_seconds))
+
     @property
     def open_windows(self) -> int:
         """Reports waiting for their settle time."""
