@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 
 from tempesta_ts import __version__
 from tempesta_ts.buffers import BufferRegistry, Instance, LinesObserver, SystemInfo
+from tempesta_ts.clock import wall_offset_of
 from tempesta_ts.config import Config
 from tempesta_ts.incidents import Rules
 from tempesta_ts.log import escape, get_logger
@@ -49,6 +50,8 @@ class ReportMaker:
         self.store = store
         self.keep = keep
         self.hostname = socket.gethostname() if hostname is None else hostname
+        #: Times are on the clock's (monotonic) time line; reports show them as wall time.
+        self.wall_offset = wall_offset_of(clock)
         self.version = version
 
     def __call__(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
@@ -66,6 +69,7 @@ class ReportMaker:
                 hostname=self.hostname,
                 version=self.version,
                 now=self.clock.seconds(),
+                wall_offset=self.wall_offset(),
             )
         finally:
             instance.system_info = held

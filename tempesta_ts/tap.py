@@ -12,6 +12,7 @@ from twisted.python import usage
 from tempesta_ts import __version__
 from tempesta_ts import config as settings
 from tempesta_ts import log
+from tempesta_ts.clock import ClockWatch, use_monotonic_time
 from tempesta_ts.errors import StartupError
 from tempesta_ts.reload import Signals
 from tempesta_ts.service import TroubleshootingService
@@ -140,8 +141,13 @@ def makeService(
     options: Options, reactor=None, environ: Mapping[str, str] | None = None
 ) -> TroubleshootingService:
     """The server as configured; ``reactor`` and ``environ`` are for tests."""
+    watch = None
     if reactor is None:
         from twisted.internet import reactor
+
+        # The server's own reactor: its timers ignore wall-clock steps (tempesta_ts/clock.py).
+        use_monotonic_time(reactor)
+        watch = ClockWatch(reactor)
     log.set_level(options.config.log_level)
     # twistd starts its log observers only after makeService; until then the global log
     # beginner keeps these events and shows them first.
@@ -159,6 +165,8 @@ def makeService(
         load=lambda: settings.build(settings.load_file(path) if path else {}, given),
         current=lambda: server.config, apply=server.reconfigure,
     ).setServiceParent(server)
+    if watch is not None:
+        watch.setServiceParent(server)
     environ = os.environ if environ is None else environ
     status = server.status.listening
     SystemdNotifier(reactor, environ, lambda: systemd_status(status())).setServiceParent(server)
