@@ -20,7 +20,7 @@ from tempesta_ts.config import Config
 from tempesta_ts.degraded import Degradations
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.intake import Intake
-from tempesta_ts.log import get_logger, set_level
+from tempesta_ts.log import get_logger, quiet_port_notices, set_level
 from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
 from tempesta_ts.pipeline import (
     EvictionNotices, ReportMaker, build_pipeline, log_lines, reconfigure_pipeline,
@@ -272,11 +272,17 @@ class TroubleshootingService(service.MultiService):
         if self.web is not None:
             yield self.web.stopService()
 
+    def privilegedStartService(self) -> None:
+        # The ports bound here are named in the one start-up line, not one line each.
+        with quiet_port_notices():
+            super().privilegedStartService()
+
     def startService(self) -> None:
         if self.system_info_store is not None:
             # After twistd has dropped privileges: made by, and checked for, the server's user.
             self.system_info_store.prepare()
-        super().startService()
+        with quiet_port_notices():
+            super().startService()
         # twistd starts services before the reactor runs and installs its signal handlers:
         # "listening" is said once a SIGTERM would be handled cleanly.
         self.reactor.callWhenRunning(self._announce)
