@@ -22,7 +22,7 @@ from tempesta_ts.incidents import Rules
 from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, build_report
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 from tempesta_ts.tracker import IncidentTracker
 
 #: The namespace of the lines logged here (every line at debug level, evictions, a document
@@ -109,7 +109,8 @@ class EvictionNotices:
         if held is not None:
             _log.warn(
                 "Dropped instance {instance} (least recently active) to stay within "
-                "max_instances={limit} ({held} more dropped since the last notice)",
+                "max_instances={limit}{more}",
+                more=held_back(held, "more dropped since the last notice"),
                 instance=instance.address,
                 limit=self.limit,
                 held=held,

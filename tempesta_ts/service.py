@@ -30,7 +30,7 @@ from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
 from tempesta_ts.status import StatusSource, startup_line, tls_mode
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
 from tempesta_ts.web import WebService
 
@@ -68,7 +68,8 @@ class RegistryService(service.Service):
             self.registry.stats["timer_errors"] += 1
             held = self._throttle.hit("expire", self.clock.seconds())
             if held is not None:
-                self.log.failure("Failed to expire waiting lines ({held} more held back)", held=held)
+                self.log.failure("Failed to expire waiting lines{more}", held=held,
+                                 more=held_back(held, "more held back"))
 
 
 class ListenerService(service.Service):

@@ -29,7 +29,7 @@ from tempesta_ts.spool_files import (
     remove_quietly,
     write_durably,
 )
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 
 #: One notice of dropped reports, or of failed writes while the disk refuses, at most this often.
 NOTICE_INTERVAL = 60.0
@@ -314,7 +314,7 @@ class Spool:
         if self._noticed_at is not None and now - self._noticed_at < NOTICE_INTERVAL:
             self._unnoticed += 1
             return
-        since = (f" ({self._unnoticed} more failed writes since the last notice)"
+        since = (held_back(self._unnoticed, "more failed writes since the last notice")
                  if self._noticed_at is not None else "")
         self.log.error(
             "Cannot write {name} to {path}: {reason}; reports are held in memory (within "
@@ -576,8 +576,9 @@ class Spool:
         held = self._drops.hit("dropped", self.clock.seconds())
         if held is not None:
             self.log.error(
-                "Spool over spool_max_bytes={limit}: dropped the oldest reports {report_ids} "
-                "({held} more dropped since the last notice); is the Support Server reachable?",
+                "Spool over spool_max_bytes={limit}: dropped the oldest reports {report_ids}"
+                "{more}; is the Support Server reachable?",
+                more=held_back(held, "more dropped since the last notice"),
                 limit=self.max_bytes,
                 report_ids=dropped,
                 held=held,
