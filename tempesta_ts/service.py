@@ -36,6 +36,8 @@ from tempesta_ts.web import WebService
 
 #: How often waiting partial lines and fragments are looked at.
 EXPIRE_INTERVAL = 0.25
+#: Sequence gaps are looked for every this many expiry ticks (5 s), off the hot path.
+GAP_TICKS = 20
 
 
 class RegistryService(service.Service):
@@ -49,6 +51,9 @@ class RegistryService(service.Service):
         self._loop = task.LoopingCall(self._expire)
         self._loop.clock = clock
         self._throttle = Throttle(60.0)
+        #: address -> messages lost as last logged.
+        self._lost: dict[str, int] = {}
+        self._ticks = 0
 
     def startService(self) -> None:
         super().startService()
@@ -64,12 +69,38 @@ class RegistryService(service.Service):
     def _expire(self) -> None:
         try:
             self.registry.expire(self.clock.seconds())
+            self._ticks += 1
+            if self._ticks % GAP_TICKS == 0:
+                self.notice_gaps()
         except Exception:
             self.registry.stats["timer_errors"] += 1
             held = self._throttle.hit("expire", self.clock.seconds())
             if held is not None:
                 self.log.failure("Failed to expire waiting lines{more}", held=held,
                                  more=held_back(held, "more held back"))
+
+
+    def notice_gaps(self) -> None:
+        """Log messages lost to sequence gaps, once per burst per instance."""
+        now = self.clock.seconds()
+        lost = {}
+        for instance in self.registry:
+            total = instance.lost_messages
+            seen = self._lost.get(instance.address, 0)
+            lost[instance.address] = seen
+            if total <= seen:
+                continue
+            if self._throttle.hit(("gaps", instance.address), now) is None:
+                continue
+            lost[instance.address] = total
+            self.log.warn(
+                "{instance}: {count} netconsole messages lost (gaps in the sequence numbers) "
+                "since the last notice, {total} in all; raise the sender's buffers or the "
+                "network's capacity",
+                instance=instance.address, count=total - seen, total=total,
+            )
+        # Instances evicted since are forgotten.
+        self._lost = lost
 
 
 class ListenerService(service.Service):
