@@ -83,7 +83,6 @@ class _Attempt:
         self.ended = False
 
 
-@implementer(IReportSink)
 def about(report: Mapping) -> str:
     """What a report is about, for its delivery line: ``for 192.0.2.1: warning: WARNING in f ``."""
     try:
@@ -107,6 +106,7 @@ def about_body(body: bytes) -> str:
         return ""
 
 
+@implementer(IReportSink)
 class Reporter(service.Service):
     """The sink of a server with a Support Server: spools each report, then delivers it, as
     many at once as max_in_flight allows, retrying with backoff until a 2xx or a rejection."""
