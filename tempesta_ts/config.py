@@ -60,8 +60,8 @@ def _integer(lo: int, hi: int | None = None, extra: str = "") -> Kind:
     return Kind(expected, check, from_text)
 
 
-def _number(lo: float, hi: float) -> Kind:
-    expected = f"a number of seconds from {lo:g} to {hi:g}"
+def _number(lo: float, hi: float, unit: str = "seconds") -> Kind:
+    expected = f"a number of {unit} from {lo:g} to {hi:g}"
 
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -290,6 +290,13 @@ class Config:
     )
     spool_max_bytes: int = _setting(
         256 * MiB, _integer(MiB), "Bound on the spool; the oldest reports are dropped past it."
+    )
+    sent_keep_days: float = _setting(
+        7.0, _number(0, 3650, "days"),
+        "Days delivered reports are kept in spool_dir/sent/ (0: removed once delivered).",
+    )
+    sent_max_bytes: int = _setting(
+        64 * MiB, _integer(0), "Bound on spool_dir/sent/; the oldest kept reports go first past it."
     )
     settle_seconds: float = _setting(
         5.0, _number(0, 3600), "Quiet time after an incident line before its report is sent."

@@ -27,6 +27,7 @@ from tempesta_ts.pipeline import (
 )
 from tempesta_ts.reporter import Reporter
 from tempesta_ts.sinks import IReportSink, LocalReports
+from tempesta_ts.sent import SentReports
 from tempesta_ts.spool import Spool
 from tempesta_ts.status import StatusSource, startup_line, tls_mode
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
@@ -195,7 +196,10 @@ class TroubleshootingService(service.MultiService):
         # A plain dict of every known counter rather than a Counter: the hot path adds to
         # some of them for every datagram, and only an exact dict gets CPython's fast path.
         self.stats: dict[str, int] = dict.fromkeys(KNOWN_STATS, 0)
-        self.spool = Spool.of(config, self.stats, reactor)
+        #: Delivered reports kept in spool_dir/sent/ (None: removed once delivered).
+        self.sent = SentReports.of(config, reactor, self.stats) if not config.standalone else None
+        self.spool = Spool.of(config, self.stats, reactor,
+                              keep_sent=self.sent.keep if self.sent is not None else None)
         # What works less well than it should, and why (/status.json "degraded"): other parts
         # join with watch(name, component), the component having a `degraded` property.
         self.degradations = Degradations()
@@ -239,6 +243,8 @@ class TroubleshootingService(service.MultiService):
             max_connections_per_source=config.tcp_max_connections_per_source,
         )
         # Started in this order, stopped in reverse (see stopService).
+        if self.sent is not None:
+            self.sent.setServiceParent(self)
         self.sink.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)

@@ -82,8 +82,11 @@ class Spool:
 
     def __init__(self, directory: str, max_bytes: int, stats: collections.Counter, clock,
                  exclusive: bool = False, *, writer: Callable[[str, str, str, bytes], str] =
-                 write_durably, retry_interval: float = HELD_RETRY_SECONDS) -> None:
+                 write_durably, retry_interval: float = HELD_RETRY_SECONDS,
+                 keep_sent: Callable[[str], bool] | None = None) -> None:
         self.directory = directory
+        #: Moves a delivered report's file to sent/ (tempesta_ts/sent.py); None: removed.
+        self.keep_sent = keep_sent
         #: Lock the directory against other processes (the processes of reuse_port must not
         #: deliver each other's reports).
         self.exclusive = exclusive
@@ -116,10 +119,10 @@ class Spool:
         self._drops = Throttle(NOTICE_INTERVAL)
 
     @classmethod
-    def of(cls, config, stats, clock) -> Spool:
+    def of(cls, config, stats, clock, keep_sent: Callable[[str], bool] | None = None) -> Spool:
         """The spool of a configuration: spool_dir, spool_max_bytes, locked under reuse_port."""
         return cls(config.spool_dir, config.spool_max_bytes, stats, clock,
-                   exclusive=config.reuse_port)
+                   exclusive=config.reuse_port, keep_sent=keep_sent)
 
     # Disk is touched only from load() on, so that directories are created after twistd has
     # dropped privileges, owned by the user that will write them.
@@ -489,9 +492,9 @@ class Spool:
     # methods below go by its report_id, whatever entry they are given.
 
     def delivered(self, entry: SpooledReport) -> None:
-        """Remove a delivered report (its file may already be gone)."""
+        """Remove a delivered report, or move it to sent/ (its file may already be gone)."""
         current = self._by_id.get(entry.report_id, entry)
-        if not current.held:
+        if not current.held and (self.keep_sent is None or not self.keep_sent(current.path)):
             try:
                 os.unlink(current.path)
             except FileNotFoundError:
