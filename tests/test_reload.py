@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
 from twisted.internet import defer, error, reactor, task
 from twisted.logger import globalLogPublisher
@@ -216,3 +217,19 @@ class TwistdSignalTests(unittest.TestCase):
                 return
             yield task.deferLater(reactor, 0.05, lambda: None)
         os.kill(pid, signal.SIGKILL)
+
+    @defer.inlineCallbacks
+    def test_a_report_settling_during_sighup_is_written(self):
+        child = self.twistd("-n", "--pidfile=")
+        line = yield child.line_containing(STARTED, SECONDS)
+        port = int(line.split("listening on UDP and TCP 127.0.0.1:")[1].split(";")[0].split()[0])
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.sendto(b"WARNING: CPU: 0 PID: 7 at net/core/dev.c:1 f+0x1/0x2\n", ("127.0.0.1", port))
+        yield child.line_containing("reporting after", SECONDS)
+        child.transport.signalProcess(signal.SIGHUP)
+        yield child.line_containing("Reloaded", SECONDS)
+        yield child.line_containing("stand-alone: no support_host", SECONDS)
+        self.assertTrue(child.running)
+        child.transport.signalProcess("TERM")
+        yield child.ended(SECONDS)
