@@ -61,8 +61,8 @@ def _integer(lo: int, hi: int | None = None, extra: str = "") -> Kind:
     return Kind(expected, check, from_text)
 
 
-def _number(lo: float, hi: float) -> Kind:
-    expected = f"a number of seconds from {lo:g} to {hi:g}"
+def _number(lo: float, hi: float, unit: str = "seconds") -> Kind:
+    expected = f"a number of {unit} from {lo:g} to {hi:g}"
 
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -139,13 +139,24 @@ def _ip_address(value: str) -> str:
     return value
 
 
-def _list_of(item: Callable[[Any], Any], expected: str) -> Kind:
+def _list_of(item: Callable[[Any], Any], expected: str, split: bool = True) -> Kind:
+    """A list: JSON as in the file, on the command line too; else plain text, split at commas
+    (``split``) or taken as one item (a regex may hold a comma)."""
+
     def from_json(value: Any) -> tuple:
         if not isinstance(value, list):
             raise ValueError(expected)
         return tuple(item(v) for v in value)
 
     def from_text(text: str) -> tuple:
+        if text.strip().startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{expected}, as a JSON list ({e})") from None
+            return from_json(value)
+        if not split:
+            return from_json([text] if text.strip() else [])
         return from_json([part.strip() for part in text.split(",") if part.strip()])
 
     return Kind(expected, from_json, from_text)
@@ -238,7 +249,7 @@ TEXT = _text()
 PATH = _text("a path")
 HOST_ADDRESS = _text("an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::", _ip_address)
 CIDRS = _list_of(_cidr, 'a list of CIDRs such as ["10.0.0.0/8", "2001:db8::/32"]')
-PATTERNS = _list_of(_regex, "a list of regular expressions (strings)")
+PATTERNS = _list_of(_regex, "a list of regular expressions (strings)", split=False)
 INCIDENT_PATTERNS = _list_of(_incident_pattern, 'a list of {"kind": K, "regex": R} objects')
 INCIDENT_PATTERNS = replace(INCIDENT_PATTERNS, parse_text=_incident_patterns_text)
 REDACTIONS = _list_of(_redaction, 'a list of {"regex": R, "replacement": S} objects')
@@ -269,7 +280,7 @@ class Config:
         "processes of reuse_port.",
     )
     allowed_sources: tuple = _setting(
-        (), CIDRS, "CIDRs allowed to send, comma-separated (empty: everyone)."
+        (), CIDRS, "CIDRs allowed to send, a JSON list or comma-separated (empty: everyone)."
     )
     log_level: str = _setting(
         "info", _log_level(), "debug, info, warn or error; debug logs every message received."
@@ -335,6 +346,13 @@ class Config:
     spool_max_bytes: int = _setting(
         256 * MiB, _integer(MiB), "Bound on the spool; the oldest reports are dropped past it."
     )
+    sent_keep_days: float = _setting(
+        7.0, _number(0, 3650, "days"),
+        "Days delivered reports are kept in spool_dir/sent/ (0: removed once delivered).",
+    )
+    sent_max_bytes: int = _setting(
+        64 * MiB, _integer(0), "Bound on spool_dir/sent/; the oldest kept reports go first past it."
+    )
     settle_seconds: float = _setting(
         5.0, _number(0, 3600), "Quiet time after an incident line before its report is sent."
     )
@@ -345,7 +363,7 @@ class Config:
         (), INCIDENT_PATTERNS, 'Extra incident rules, JSON: [{"kind": K, "regex": R}, ...].'
     )
     ignore_patterns: tuple = _setting(
-        (), PATTERNS, "Regexes of lines that never start an incident, comma-separated."
+        (), PATTERNS, "Regexes of lines that never start an incident; a flag takes a JSON list, or one regex as is.",
     )
     metrics_host: str = _setting("127.0.0.1", HOST_ADDRESS, "Address of the metrics endpoint.")
     metrics_port: int = _setting(9478, OFF_OR_PORT, "Port of the /metrics endpoint.")
@@ -518,6 +536,28 @@ def api_key_exposures(
     return warnings
 
 
+def ineffective_settings(config: Config, given: Mapping[str, Any]) -> list[str]:
+    """Warnings for settings given (in the file or by a flag) that cannot take effect."""
+    warnings = []
+    if config.support_ca_file is not None and config.skip_ssl_verification:
+        warnings.append(
+            f"support_ca_file {config.support_ca_file!r} is not used: skip_ssl_verification is "
+            "set, so no certificate is checked; remove one of the two"
+        )
+    if config.standalone:
+        unused = sorted(
+            k for k, v in given.items()
+            if (k.startswith("support_") or k == "skip_ssl_verification") and v != default_of(k)
+            # The key's own warnings (api_key_exposures) say what matters about it.
+            and not k.startswith("support_api_key")
+        )
+        if unused:
+            warnings.append(
+                "Stand-alone (no support_host): " + ", ".join(unused) + " given but not used"
+            )
+    return warnings
+
+
 def _world_readable(path: str | None) -> int | None:
     """The permission bits of a file that others may read, else None."""
     if path is None:
@@ -582,13 +622,23 @@ def _check(config: Config) -> None:
             )
     if not config.support_path.startswith("/"):
         raise bad_value("support_path", "support_path", config.support_path, "a path starting with /")
-    if config.support_ca_file is not None and not os.path.isfile(config.support_ca_file):
-        raise bad_value(
-            "support_ca_file",
-            "support_ca_file",
-            config.support_ca_file,
-            "an existing PEM file of CA certificates",
-        )
+    if config.support_ca_file is not None:
+        if not os.path.isfile(config.support_ca_file):
+            raise bad_value(
+                "support_ca_file",
+                "support_ca_file",
+                config.support_ca_file,
+                "an existing PEM file of CA certificates",
+            )
+        try:
+            with open(config.support_ca_file, "rb"):
+                pass
+        except OSError as e:
+            # Even when skip_ssl_verification makes it unused: a file named must be usable.
+            raise ConfigError(
+                f"support_ca_file: cannot read {config.support_ca_file!r} ({e.strerror}); "
+                "expected a readable PEM file of CA certificates"
+            ) from None
     if config.reuse_port and config.system_info_dir is None:
         raise ConfigError(
             "system_info_dir: missing; expected a directory shared by every process on the port "

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.log import get_logger
-from tempesta_ts.throttle import Budget, Throttle
+from tempesta_ts.throttle import Budget, Throttle, held_back
 
 #: A recurring notice (a rejected source, a failure) is logged at most once this often.
 NOTICE_SECONDS = 60.0
@@ -45,12 +45,13 @@ class Intake:
         others = self._refusals.take(now)
         if others is not None:
             self.log.warn(
-                "Rejected {transport} from {source}: not in allowed_sources ({held} more from it "
-                "held back since its last notice; and {others} other refused sources not named)",
+                "Rejected {transport} from {source}: not in allowed_sources{more}",
                 transport=transport,
                 source=host,
                 held=held,
                 others=others,
+                more=held_back(held, "more from it held back since its last notice")
+                + held_back(others, "other refused sources not named"),
             )
         return False
 
@@ -58,7 +59,8 @@ class Intake:
         """Warn, at most once a minute per key, with the count held back since."""
         held = self._throttle.hit(key, self.clock.seconds())
         if held is not None:
-            self.log.warn(message + " ({held} more held back since the last notice)", held=held, **fields)
+            self.log.warn(message + "{more}", held=held,
+                          more=held_back(held, "more held back since the last notice"), **fields)
 
     def failed(self, what: str, source: object) -> None:
         """Count an unexpected failure; log its traceback once per burst. Call from an except."""
@@ -66,7 +68,8 @@ class Intake:
         held = self._throttle.hit(("failure", what), self.clock.seconds())
         if held is not None:
             self.log.failure(
-                "Failed in {what} from {source} ({held} more failures held back)",
+                "Failed in {what} from {source}{more}",
+                more=held_back(held, "more failures held back"),
                 what=what,
                 source=source,
                 held=held,

@@ -7,7 +7,10 @@ this package only, so Twisted's own messages are left as twistd shows them.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
+import twisted.python.log
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -110,3 +113,23 @@ def set_level(name: str) -> None:
 def level() -> LogLevel:
     """The level in force."""
     return _predicate.logLevelForNamespace("")
+
+
+@contextmanager
+def quiet_port_notices() -> Iterator[None]:
+    """Drop the "X starting on N" line Twisted's TCP and UDP ports log, unconditionally, as
+    they bind (the one start-up line says where the server listens); any other line passes."""
+    legacy = twisted.python.log
+    original = legacy.msg
+
+    def msg(*message, **kw):
+        if len(message) == 1 and isinstance(message[0], str) and " starting on " in message[0]:
+            return None
+        return original(*message, **kw)
+
+    # Scoped to a synchronous bind, in the reactor's thread: nothing else logs meanwhile.
+    legacy.msg = msg
+    try:
+        yield
+    finally:
+        legacy.msg = original

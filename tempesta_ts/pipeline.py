@@ -16,13 +16,14 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 
 from tempesta_ts import __version__
 from tempesta_ts.buffers import BufferRegistry, Instance, LinesObserver, SystemInfo
+from tempesta_ts.clock import wall_offset_of
 from tempesta_ts.config import Config
 from tempesta_ts.incidents import Rules
 from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.redact import Redactor
 from tempesta_ts.report import Incident, build_report
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 from tempesta_ts.tracker import IncidentTracker
 
 #: The namespace of the lines logged here (every line at debug level, evictions, a document
@@ -50,6 +51,8 @@ class ReportMaker:
         self.store = store
         self.keep = keep
         self.hostname = socket.gethostname() if hostname is None else hostname
+        #: Times are on the clock's (monotonic) time line; reports show them as wall time.
+        self.wall_offset = wall_offset_of(clock)
         self.version = version
         #: report_redactions and report_exclude_patterns: what the sinks get may leave the site.
         self.redactor = redactor
@@ -69,6 +72,7 @@ class ReportMaker:
                 hostname=self.hostname,
                 version=self.version,
                 now=self.clock.seconds(),
+                wall_offset=self.wall_offset(),
             )
         finally:
             instance.system_info = held
@@ -109,7 +113,8 @@ class EvictionNotices:
         if held is not None:
             _log.warn(
                 "Dropped instance {instance} (least recently active) to stay within "
-                "max_instances={limit} ({held} more dropped since the last notice)",
+                "max_instances={limit}{more}",
+                more=held_back(held, "more dropped since the last notice"),
                 instance=instance.address,
                 limit=self.limit,
                 held=held,
@@ -188,3 +193,18 @@ def build_pipeline(
         watched=tracker.watched,
     )
     return Pipeline(registry, tracker, make_report)
+
+
+def reconfigure_pipeline(pipeline: Pipeline, config: Config) -> None:
+    """Take reloaded rules and timings (SIGHUP): new windows use them, open ones keep theirs;
+    log_level debug adds the observer logging every line, leaving it removes it."""
+    tracker, registry = pipeline.tracker, pipeline.registry
+    tracker.reconfigure(Rules(config.incident_patterns, config.ignore_patterns),
+                        config.settle_seconds, config.cooldown_seconds)
+    if config.log_level == "debug" and log_lines not in registry.observers:
+        registry.observers.insert(0, log_lines)
+    elif config.log_level != "debug" and log_lines in registry.observers:
+        registry.observers.remove(log_lines)
+    # The filter spares decoding only while the tracker is the one observer.
+    alone = registry.observers == [tracker.lines_added]
+    registry.line_filter = tracker.rules.line_filter if alone else None

@@ -75,7 +75,7 @@ def describe_incidents(incidents: Sequence[Incident], lines: Sequence[LogLine]) 
     return described
 
 
-def _incident_entry(incident: Incident) -> dict[str, Any]:
+def _incident_entry(incident: Incident, iso=iso) -> dict[str, Any]:
     description = incident.description
     return {
         "kind": incident.kind,
@@ -90,7 +90,7 @@ def _incident_entry(incident: Incident) -> dict[str, Any]:
     }
 
 
-def _log_entry(line: LogLine) -> dict[str, Any]:
+def _log_entry(line: LogLine, iso=iso) -> dict[str, Any]:
     return {
         "received_at": iso(line.received_at),
         "text": line.text,
@@ -110,8 +110,14 @@ def build_report(
     version: str,
     now: float,
     report_id: str | None = None,
+    wall_offset: float = 0.0,
 ) -> dict[str, Any]:
-    """The report body for an instance: its whole buffer now, what was detected, its system info."""
+    """The report body for an instance: its whole buffer now, what was detected, its system info.
+
+    ``wall_offset`` turns the times of the server's (monotonic) clock into wall time."""
+    def at(ts: float | None) -> str | None:
+        return iso(None if ts is None else ts + wall_offset)
+
     info = instance.system_info
     lines = list(instance.buffer)
     incidents = describe_incidents(incidents, lines)
@@ -119,20 +125,20 @@ def build_report(
         "version": VERSION,
         "report_id": report_id or new_report_id(),
         "client_id": client_id,
-        "created_at": iso(now),
+        "created_at": at(now),
         "collector": {"hostname": hostname, "version": version},
         "instance": {
             "address": instance.address,
             "kernel_release": instance.kernel_release,
-            "first_seen": iso(instance.first_seen),
-            "last_seen": iso(instance.last_seen),
+            "first_seen": at(instance.first_seen),
+            "last_seen": at(instance.last_seen),
         },
-        "incidents": [_incident_entry(incident) for incident in incidents],
+        "incidents": [_incident_entry(incident, at) for incident in incidents],
         "suppressed_incidents": suppressed,
-        "log": [_log_entry(line) for line in lines],
+        "log": [_log_entry(line, at) for line in lines],
         "log_dropped_lines": instance.buffer.dropped,
         "lost_messages": instance.lost_messages,
         "system_info": (
-            {"received_at": iso(info.received_at), "text": info.text} if info is not None else None
+            {"received_at": at(info.received_at), "text": info.text} if info is not None else None
         ),
     }

@@ -9,6 +9,7 @@ their outcomes kept for the status page. docs/support-api.md has the contract.
 from __future__ import annotations
 
 import collections
+import json
 import random
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
@@ -34,6 +35,7 @@ from tempesta_ts.delivery import (
     parse_retry_after,
 )
 from tempesta_ts.files import NotRegularFile
+from tempesta_ts.incidents import KINDS
 from tempesta_ts.log import escape, get_logger, mask_secret
 from tempesta_ts.sinks import IReportSink, Outcomes, write_failed
 from tempesta_ts.spool import ReportTooLarge, Spool, SpooledReport
@@ -81,6 +83,29 @@ class _Attempt:
         self.ended = False
 
 
+def about(report: Mapping) -> str:
+    """What a report is about, for its delivery line: ``for 192.0.2.1: warning: WARNING in f ``."""
+    try:
+        incidents = report.get("incidents") or []
+        address = report["instance"]["address"]
+        if not incidents:
+            return f"for {address} "
+        kinds = [i.get("kind") for i in incidents]
+        kind = min(kinds, key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))
+        titles = "; ".join(escape(str(i.get("title") or i.get("line") or "")) for i in incidents)
+        return f"for {address}: {kind}: {titles} "
+    except (KeyError, TypeError, AttributeError):
+        return ""
+
+
+def about_body(body: bytes) -> str:
+    """`about` of a report's JSON body (gzip is applied only on the wire)."""
+    try:
+        return about(json.loads(body))
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
 @implementer(IReportSink)
 class Reporter(service.Service):
     """The sink of a server with a Support Server: spools each report, then delivers it, as
@@ -124,6 +149,8 @@ class Reporter(service.Service):
         #: Its kind, one of delivery.FAILURE_KINDS (what the probe's advice goes by), or None.
         self.last_error_kind: str | None = None
         self._states: dict[str, DeliveryState] = {}
+        #: report_id -> what the report is about, for the delivery line ("for HOST: kind: title ").
+        self._about: dict[str, str] = {}
         self._outcomes = Outcomes()
         self._in_flight: dict[str, _Attempt] = {}
         self._wakeup = None
@@ -132,9 +159,21 @@ class Reporter(service.Service):
         self._stop_waiter: defer.Deferred | None = None
         self._failing = False
         self._notices = Throttle(NOTICE_INTERVAL)
+        self._http_client = http_client
+        self._connect_timeout = connect_timeout
         self.client = SupportClient(config, reactor, http_client, max_connections=max_in_flight,
                                     connect_timeout=connect_timeout)
         self.host, self.url = self.client.host, self.client.url
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded API key and CA (re-read from their files); the next attempts use
+        them, those under way finish with the old. Raises ConfigError (a CA bundle that does
+        not parse) before anything changes."""
+        client = SupportClient(config, self.clock, self._http_client,
+                               max_connections=self.max_in_flight,
+                               connect_timeout=self._connect_timeout)
+        old, self.client, self.config = self.client, client, config
+        old.close()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -216,6 +255,7 @@ class Reporter(service.Service):
             write_failed(self.log, self.stats, report.get("report_id"), self.spool.directory, e)
             return defer.fail()
         self._states.setdefault(entry.report_id, DeliveryState())
+        self._about[entry.report_id] = about(report)
         self._pump()
         return defer.succeed(entry)
 
@@ -257,6 +297,7 @@ class Reporter(service.Service):
             live = {e.report_id for e in pending} | set(self._in_flight)
             for report_id in [r for r in self._states if r not in live]:
                 del self._states[report_id]
+                self._about.pop(report_id, None)
         if earliest is not None:
             self._wakeup = self.clock.callLater(max(0.0, earliest - now), self._pump)
 
@@ -297,6 +338,9 @@ class Reporter(service.Service):
             failed = Failed("other", f"cannot read {entry.path}: {e.strerror}", "spool")
             self._retry(entry, failed, None, None)
             return
+        if report_id not in self._about:
+            # Spooled by an earlier run: what it is about is read from the body once.
+            self._about[report_id] = about_body(body)
         attempt = _Attempt(entry, self.clock.seconds())
         self._in_flight[report_id] = attempt
         d = self.client.post(report_id, body)
@@ -389,9 +433,10 @@ class Reporter(service.Service):
             self.log.info("The Support Server accepts reports again")
         self.last_error = self.last_error_kind = None
         self.log.info(
-            "Report {report_id} delivered (HTTP {status}, attempt {attempts}, "
+            "Report {report_id} {about}delivered (HTTP {status}, attempt {attempts}, "
             "{latency:.1f} s after it was spooled)",
             report_id=entry.report_id,
+            about=self._about.pop(entry.report_id, ""),
             status=status,
             attempts=state.attempts,
             latency=latency,
@@ -404,6 +449,7 @@ class Reporter(service.Service):
 
     def _rejected(self, entry: SpooledReport, status: int, quote: bytes) -> None:
         state = self._states.pop(entry.report_id, DeliveryState())
+        self._about.pop(entry.report_id, None)
         path = self.spool.reject(entry)
         self.stats["reports_rejected"] += 1
         self._outcomes.ended(entry.report_id, "rejected", state.attempts)
@@ -445,7 +491,7 @@ class Reporter(service.Service):
         level = self.log.error if failed.cause in ("tls-verify", "credentials") else self.log.warn
         level(
             "Report {report_id} not delivered: {why}; it stays in the spool, next attempt in "
-            "{delay:.1f} s ({held} similar failures since the last notice)",
+            "{delay:.1f} s{held_back}",
             report_id=entry.report_id,
             why=why,
             delay=delay,
@@ -453,6 +499,7 @@ class Reporter(service.Service):
             status=status,
             client_id=self.config.support_client_id,
             held=held,
+            held_back=f" ({held} similar failures since the last notice)" if held else "",
         )
 
     def _scrub(self, text: str, cut: bool = False) -> str:

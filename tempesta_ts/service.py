@@ -5,6 +5,7 @@ nothing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from twisted.application import service
@@ -20,22 +21,31 @@ from tempesta_ts.degraded import Degradations
 from tempesta_ts.detail import DetailSource
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.intake import Intake
-from tempesta_ts.log import get_logger
+from tempesta_ts.log import get_logger, quiet_port_notices, set_level
 from tempesta_ts.metrics import KNOWN_STATS, DeliveryTimes, ServerCollector
-from tempesta_ts.pipeline import EvictionNotices, ReportMaker, build_pipeline, log_lines
+from tempesta_ts.pipeline import (
+    EvictionNotices,
+    ReportMaker,
+    build_pipeline,
+    log_lines,
+    reconfigure_pipeline,
+)
 from tempesta_ts.recent import RecentReports
 from tempesta_ts.redact import Redactor
 from tempesta_ts.reporter import Reporter
+from tempesta_ts.sent import SentReports
 from tempesta_ts.sinks import IReportSink, LocalReports
 from tempesta_ts.spool import Spool
-from tempesta_ts.status import StatusSource, startup_line
+from tempesta_ts.status import StatusSource, startup_line, tls_mode
 from tempesta_ts.sysinfo import SystemInfoFactory, SystemInfoStore, listen_documents
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 from tempesta_ts.udp import NetconsoleProtocol, listen_netconsole
 from tempesta_ts.web import WebService
 
 #: How often waiting partial lines and fragments are looked at.
 EXPIRE_INTERVAL = 0.25
+#: Sequence gaps are looked for every this many expiry ticks (5 s), off the hot path.
+GAP_TICKS = 20
 
 
 class RegistryService(service.Service):
@@ -49,6 +59,9 @@ class RegistryService(service.Service):
         self._loop = task.LoopingCall(self._expire)
         self._loop.clock = clock
         self._throttle = Throttle(60.0)
+        #: address -> messages lost as last logged.
+        self._lost: dict[str, int] = {}
+        self._ticks = 0
 
     def startService(self) -> None:
         super().startService()
@@ -64,11 +77,38 @@ class RegistryService(service.Service):
     def _expire(self) -> None:
         try:
             self.registry.expire(self.clock.seconds())
+            self._ticks += 1
+            if self._ticks % GAP_TICKS == 0:
+                self.notice_gaps()
         except Exception:
             self.registry.stats["timer_errors"] += 1
             held = self._throttle.hit("expire", self.clock.seconds())
             if held is not None:
-                self.log.failure("Failed to expire waiting lines ({held} more held back)", held=held)
+                self.log.failure("Failed to expire waiting lines{more}", held=held,
+                                 more=held_back(held, "more held back"))
+
+
+    def notice_gaps(self) -> None:
+        """Log messages lost to sequence gaps, once per burst per instance."""
+        now = self.clock.seconds()
+        lost = {}
+        for instance in self.registry:
+            total = instance.lost_messages
+            seen = self._lost.get(instance.address, 0)
+            lost[instance.address] = seen
+            if total <= seen:
+                continue
+            if self._throttle.hit(("gaps", instance.address), now) is None:
+                continue
+            lost[instance.address] = total
+            self.log.warn(
+                "{instance}: {count} netconsole messages lost (gaps in the sequence numbers) "
+                "since the last notice, {total} in all; raise the sender's buffers or the "
+                "network's capacity",
+                instance=instance.address, count=total - seen, total=total,
+            )
+        # Instances evicted since are forgotten.
+        self._lost = lost
 
 
 class ListenerService(service.Service):
@@ -153,14 +193,20 @@ class TroubleshootingService(service.MultiService):
     log = get_logger(__name__)
     announcements = Logger(namespace=__name__)
 
-    def __init__(self, config: Config, reactor, http_client=None) -> None:
+    def __init__(self, config: Config, reactor, http_client=None,
+                 config_file: str | None = None) -> None:
         super().__init__()
         self.config = config
+        #: The JSON file the settings came from (named in the start-up line), or None.
+        self.config_file = config_file
         self.reactor = reactor
         # A plain dict of every known counter rather than a Counter: the hot path adds to
         # some of them for every datagram, and only an exact dict gets CPython's fast path.
         self.stats: dict[str, int] = dict.fromkeys(KNOWN_STATS, 0)
-        self.spool = Spool.of(config, self.stats, reactor)
+        #: Delivered reports kept in spool_dir/sent/ (None: removed once delivered).
+        self.sent = SentReports.of(config, reactor, self.stats) if not config.standalone else None
+        self.spool = Spool.of(config, self.stats, reactor,
+                              keep_sent=self.sent.keep if self.sent is not None else None)
         # What works less well than it should, and why (/status.json "degraded"): other parts
         # join with watch(name, component), the component having a `degraded` property.
         self.degradations = Degradations()
@@ -195,8 +241,9 @@ class TroubleshootingService(service.MultiService):
             line_observers=[log_lines] if config.log_level == "debug" else [],
             evicted=[EvictionNotices(reactor, config.max_instances)],
         )
+        self.pipeline = pipeline
         self.registry, self.tracker = pipeline.registry, pipeline.tracker
-        intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
+        self.intake = intake = Intake(self.registry, reactor, SourceFilter(config.allowed_sources), self.stats)
         self.udp = NetconsoleProtocol(intake, config.udp_receive_buffer_bytes)
         self.tcp = tcp = SystemInfoFactory(
             intake, config.tcp_max_bytes, config.tcp_idle_seconds, config.tcp_max_connections,
@@ -206,6 +253,8 @@ class TroubleshootingService(service.MultiService):
             max_connections_per_source=config.tcp_max_connections_per_source,
         )
         # Started in this order, stopped in reverse (see stopService).
+        if self.sent is not None:
+            self.sent.setServiceParent(self)
         self.sink.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
@@ -219,6 +268,9 @@ class TroubleshootingService(service.MultiService):
             registry=self.registry, tracker=self.tracker, sink=self.sink, spool=self.spool,
             reporter=self.reporter, degradations=self.degradations,
         )
+        #: Other parts that take reloaded settings live: each has ``reconfigure(config)`` and
+        #: adds its keys to reload.RELOADABLE (the archive, ClickHouse, redactions).
+        self.reconfigurable: list = []
         # After the listeners: a failure to bind the main port is reported first.
         self.web: WebService | None = None
         if config.metrics_port:
@@ -230,6 +282,24 @@ class TroubleshootingService(service.MultiService):
                                   self.status, self.status.listening, collector,
                                   detail=detail, status_token=config.status_token)
             self.web.setServiceParent(self)
+
+    def reconfigure(self, config: Config) -> None:
+        """Make reloaded settings live (SIGHUP, tempesta_ts/reload.py): only the keys of
+        `reload.RELOADABLE` differ from the running ones. The Reporter goes first: a CA bundle
+        that does not parse refuses the reload (ConfigError) before anything changed."""
+        if self.reporter is not None:
+            self.reporter.reconfigure(config)
+        set_level(config.log_level)
+        self.intake.sources = SourceFilter(config.allowed_sources)
+        reconfigure_pipeline(self.pipeline, config)
+        for component in self.reconfigurable:
+            component.reconfigure(config)
+        self.config = config
+        # What the pages and the start-up line show of the mode follows.
+        self.status.mode = replace(
+            self.status.mode, tls=tls_mode(config), ca_file=config.support_ca_file,
+            sources=tuple(map(str, config.allowed_sources)), log_level=config.log_level,
+        )
 
     @inlineCallbacks
     def stopService(self):
@@ -254,11 +324,17 @@ class TroubleshootingService(service.MultiService):
         if self.web is not None:
             yield self.web.stopService()
 
+    def privilegedStartService(self) -> None:
+        # The ports bound here are named in the one start-up line, not one line each.
+        with quiet_port_notices():
+            super().privilegedStartService()
+
     def startService(self) -> None:
         if self.system_info_store is not None:
             # After twistd has dropped privileges: made by, and checked for, the server's user.
             self.system_info_store.prepare()
-        super().startService()
+        with quiet_port_notices():
+            super().startService()
         # twistd starts services before the reactor runs and installs its signal handlers:
         # "listening" is said once a SIGTERM would be handled cleanly.
         self.reactor.callWhenRunning(self._announce)
@@ -277,4 +353,6 @@ class TroubleshootingService(service.MultiService):
 
     def summary(self) -> str:
         """The start-up line: where it listens, what it got, where reports go."""
-        return startup_line(self.status(), self.web.url if self.web is not None else None)
+        line = startup_line(self.status(), self.web.url if self.web is not None else None)
+        where = f"config {self.config_file}" if self.config_file else "no config file"
+        return f"{line}; {where}"

@@ -29,7 +29,7 @@ from tempesta_ts.spool_files import (
     remove_quietly,
     write_durably,
 )
-from tempesta_ts.throttle import Throttle
+from tempesta_ts.throttle import Throttle, held_back
 
 #: One notice of dropped reports, or of failed writes while the disk refuses, at most this often.
 NOTICE_INTERVAL = 60.0
@@ -82,8 +82,11 @@ class Spool:
 
     def __init__(self, directory: str, max_bytes: int, stats: collections.Counter, clock,
                  exclusive: bool = False, *, writer: Callable[[str, str, str, bytes], str] =
-                 write_durably, retry_interval: float = HELD_RETRY_SECONDS) -> None:
+                 write_durably, retry_interval: float = HELD_RETRY_SECONDS,
+                 keep_sent: Callable[[str], bool] | None = None) -> None:
         self.directory = directory
+        #: Moves a delivered report's file to sent/ (tempesta_ts/sent.py); None: removed.
+        self.keep_sent = keep_sent
         #: Lock the directory against other processes (the processes of reuse_port must not
         #: deliver each other's reports).
         self.exclusive = exclusive
@@ -116,10 +119,10 @@ class Spool:
         self._drops = Throttle(NOTICE_INTERVAL)
 
     @classmethod
-    def of(cls, config, stats, clock) -> Spool:
+    def of(cls, config, stats, clock, keep_sent: Callable[[str], bool] | None = None) -> Spool:
         """The spool of a configuration: spool_dir, spool_max_bytes, locked under reuse_port."""
         return cls(config.spool_dir, config.spool_max_bytes, stats, clock,
-                   exclusive=config.reuse_port)
+                   exclusive=config.reuse_port, keep_sent=keep_sent)
 
     # Disk is touched only from load() on, so that directories are created after twistd has
     # dropped privileges, owned by the user that will write them.
@@ -314,7 +317,7 @@ class Spool:
         if self._noticed_at is not None and now - self._noticed_at < NOTICE_INTERVAL:
             self._unnoticed += 1
             return
-        since = (f" ({self._unnoticed} more failed writes since the last notice)"
+        since = (held_back(self._unnoticed, "more failed writes since the last notice")
                  if self._noticed_at is not None else "")
         self.log.error(
             "Cannot write {name} to {path}: {reason}; reports are held in memory (within "
@@ -489,9 +492,9 @@ class Spool:
     # methods below go by its report_id, whatever entry they are given.
 
     def delivered(self, entry: SpooledReport) -> None:
-        """Remove a delivered report (its file may already be gone)."""
+        """Remove a delivered report, or move it to sent/ (its file may already be gone)."""
         current = self._by_id.get(entry.report_id, entry)
-        if not current.held:
+        if not current.held and (self.keep_sent is None or not self.keep_sent(current.path)):
             try:
                 os.unlink(current.path)
             except FileNotFoundError:
@@ -576,8 +579,9 @@ class Spool:
         held = self._drops.hit("dropped", self.clock.seconds())
         if held is not None:
             self.log.error(
-                "Spool over spool_max_bytes={limit}: dropped the oldest reports {report_ids} "
-                "({held} more dropped since the last notice); is the Support Server reachable?",
+                "Spool over spool_max_bytes={limit}: dropped the oldest reports {report_ids}"
+                "{more}; is the Support Server reachable?",
+                more=held_back(held, "more dropped since the last notice"),
                 limit=self.max_bytes,
                 report_ids=dropped,
                 held=held,

@@ -54,3 +54,8 @@ class Budget:
         self._spent += 1
         held, self._held = self._held, 0
         return held
+
+
+def held_back(count: int | None, what: str) -> str:
+    """The suffix naming what a notice held back, `` (3 more ...)``; none for zero."""
+    return f" ({count} {what})" if count else ""

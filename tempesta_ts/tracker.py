@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from twisted.internet.defer import Deferred, DeferredList
 
 from tempesta_ts.buffers import Instance
-from tempesta_ts.incidents import Rules, is_end_marker, signature
+from tempesta_ts.incidents import KINDS, Rules, is_end_marker, signature
 from tempesta_ts.log import escape, get_logger
 from tempesta_ts.netconsole import LogLine
 from tempesta_ts.report import Incident, describe_incidents
@@ -28,6 +28,8 @@ from tempesta_ts.titles import plain
 
 #: Kinds that are reported every time, whatever the cooldown.
 NEVER_SUPPRESSED = frozenset({"crash", "oops", "bug"})
+#: Lower is more severe: KINDS lists the kinds from the worst.
+SEVERITY = {kind: rank for rank, kind in enumerate(KINDS)}
 #: A window is closed at the latest this many settle periods after it opened (a chatty
 #: instance must not hold its report back for ever), and never later than MAX_WINDOW_SECONDS.
 MAX_WINDOW_FACTOR = 10
@@ -50,7 +52,7 @@ class LastIncident:
 class _Window:
     """An instance's open report: its incidents so far and the timer that closes it."""
 
-    __slots__ = ("instance", "incidents", "signatures", "opened", "timer", "folded")
+    __slots__ = ("instance", "incidents", "signatures", "opened", "timer", "folded", "kind")
 
     def __init__(self, instance: Instance, opened: float) -> None:
         self.instance = instance
@@ -60,6 +62,8 @@ class _Window:
         self.timer = None
         #: Repeats of an incident already in this window, counted not listed.
         self.folded = 0
+        #: The most severe kind seen in the window (KINDS is in order of severity).
+        self.kind: str | None = None
 
 
 class IncidentTracker:
@@ -98,6 +102,13 @@ class IncidentTracker:
         self.watched: set[str] = set()
         #: address -> the instance's latest incident, for the status page.
         self.last_incidents: dict[str, LastIncident] = {}
+
+    def reconfigure(self, rules: Rules, settle_seconds: float, cooldown_seconds: float) -> None:
+        """Reloaded rules and timings (SIGHUP); windows already open keep their timers."""
+        self.rules = rules
+        self.settle = settle_seconds
+        self.cooldown = cooldown_seconds
+        self.max_window = min(MAX_WINDOW_SECONDS, max(settle_seconds * MAX_WINDOW_FACTOR, settle_seconds))
 
     @property
     def open_windows(self) -> int:
@@ -167,6 +178,14 @@ class IncidentTracker:
                 line=escape(line.text),
                 settle=self.settle,
             )
+        elif window.kind is not None and SEVERITY[kind] < SEVERITY[window.kind]:
+            # A BUG that becomes an Oops, then a panic: the log says so when it happens.
+            self.log.info(
+                "{instance}: escalated from {was} to {kind}: {line}",
+                instance=instance.address, was=window.kind, kind=kind, line=escape(line.text),
+            )
+        if window.kind is None or SEVERITY[kind] < SEVERITY[window.kind]:
+            window.kind = kind
         if sig in window.signatures and kind not in NEVER_SUPPRESSED:
             window.folded += 1
         else:
@@ -205,10 +224,13 @@ class IncidentTracker:
             # Everything in the window was reported within the cooldown: counted, not sent.
             self._suppressed[address] += window.folded + repeats
             self._show(address, incidents, None)
-            self.log.debug(
-                "{instance}: {titles} reported within {cooldown} s; folded into the next report",
+            # Once per burst per instance at info level; the rest of the burst at debug level.
+            held = self._throttle.hit(("folded", address), now)
+            (self.log.info if held is not None else self.log.debug)(
+                "{instance}: {titles} reported within cooldown_seconds={cooldown:g}; folded into "
+                "the next report{more}",
                 instance=address, titles="; ".join(i.description.title for i in incidents),
-                cooldown=self.cooldown,
+                cooldown=self.cooldown, more=f" ({held} more folded since the last notice)" if held else "",
             )
             return
         suppressed = self._suppressed.pop(address, 0) + window.folded + repeats
@@ -217,11 +239,17 @@ class IncidentTracker:
         reported = self._reported.setdefault(address, {})
         for incident in kept:
             _touch(reported, incident.description.fingerprint, now)
+        folded = window.folded + repeats
         self.log.info(
-            "Report {report_id} for {instance}: {titles}",
+            "Report {report_id} for {instance}: {kind}: {titles}{folded}; detected {ago:.1f} s "
+            "earlier on: {line}",
             report_id=report["report_id"],
             instance=address,
+            kind=window.kind or kept[0].kind,
             titles="; ".join(_shown(incident) for incident in kept),
+            folded=f" ({folded} repeats folded)" if folded else "",
+            ago=now - window.opened,
+            line=escape(window.incidents[0].line.text) if window.incidents else "",
         )
         self.stats["reports_created"] += 1
         d = self.submit(report)

@@ -185,3 +185,74 @@ class DocumentationTests(unittest.TestCase):
             text = f.read()
         for key in config.SETTINGS:
             self.assertIn(f"| `{key}` | `--{config.flag_name(key)}` |", text)
+
+
+class SettingsThatDoWhatTheySayTests(unittest.TestCase):
+    """Lists as JSON on the command line, booleans turned off by a flag, ineffective settings."""
+
+    def parse(self, *argv) -> Options:
+        options = Options()
+        options.parseOptions(["--spool-dir", "spool", *argv])
+        return options
+
+    def test_a_regex_holding_a_comma_is_one_ignore_pattern(self):
+        options = self.parse("--ignore-patterns", r"^WARNING: CPU: \d{1,3} PID: 1 ")
+        self.assertEqual(options.config.ignore_patterns, (r"^WARNING: CPU: \d{1,3} PID: 1 ",))
+
+    def test_list_flags_take_a_json_list_as_in_the_file(self):
+        options = self.parse("--ignore-patterns", '["a{1,2}", "b"]', "--allowed-sources", '["10.0.0.0/8", "::1"]')
+        self.assertEqual(options.config.ignore_patterns, ("a{1,2}", "b"))
+        self.assertEqual([str(n) for n in options.config.allowed_sources], ["10.0.0.0/8", "::1/128"])
+
+    def test_a_bad_json_list_flag_names_the_flag(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--allowed-sources", '["10.0.0.0/8"')
+        self.assertIn("--allowed-sources:", str(caught.exception))
+        self.assertIn("JSON list", str(caught.exception))
+
+    def test_no_flag_turns_off_a_boolean_set_in_the_file(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"skip_ssl_verification": True}, f)
+        self.assertTrue(self.parse("--config", path).config.skip_ssl_verification)
+        self.assertFalse(self.parse("--config", path, "--no-skip-ssl-verification").config.skip_ssl_verification)
+
+    def test_a_boolean_and_its_no_flag_together_are_refused(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--skip-ssl-verification", "--no-skip-ssl-verification")
+        self.assertIn("both given", str(caught.exception))
+
+    def test_two_config_files_are_refused(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--config", EXAMPLE, "--config-file", "other.json")
+        self.assertIn("two config files given", str(caught.exception))
+
+    def test_an_unreadable_ca_file_is_refused_even_with_skip_ssl_verification(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x")
+        real_open = open
+
+        def unreadable(name, *args, **kw):
+            # chmod 0 does not stop root, who runs these tests in CI: the refusal is simulated.
+            if name == path:
+                raise PermissionError(13, "Permission denied", name)
+            return real_open(name, *args, **kw)
+
+        config.open = unreadable
+        self.addCleanup(delattr, config, "open")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--support-ca-file", path, "--skip-ssl-verification")
+        self.assertIn("support_ca_file: cannot read", str(caught.exception))
+
+    def test_a_ca_file_with_skip_ssl_verification_is_warned_of(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x")
+        options = self.parse("--support-host", "h", "--support-client-id", "c", "--support-api-key", "k",
+                             "--support-ca-file", path, "--skip-ssl-verification")
+        self.assertTrue(any("is not used: skip_ssl_verification is set" in w for w in options.warnings))
+
+    def test_support_settings_without_support_host_are_warned_of(self):
+        options = self.parse("--support-client-id", "c")
+        self.assertIn("Stand-alone (no support_host): support_client_id given but not used", options.warnings)

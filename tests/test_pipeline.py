@@ -119,8 +119,7 @@ class EvictionNoticeTests(unittest.TestCase):
         self.assertEqual({e["log_namespace"] for e in warned}, {SERVER_NAMESPACE})
         self.assertEqual(
             warnings[0],
-            "Dropped instance 192.0.2.0 (least recently active) to stay within max_instances=2 "
-            "(0 more dropped since the last notice)",
+            "Dropped instance 192.0.2.0 (least recently active) to stay within max_instances=2",
         )
         self.assertIn("(2 more dropped since the last notice)", warnings[1])
 

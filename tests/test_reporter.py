@@ -372,6 +372,22 @@ class RetryTests(ReporterTestCase):
         self.assertEqual(len(warnings), 2)
         self.assertRegex(warnings[1], r"\(\d+ similar failures since the last notice\)")
 
+    def test_a_single_failure_has_no_zero_count_suffix(self):
+        rep = self.reporter(FakeSupport([Answer(503)]))
+        self.submit(rep, report(1))
+        (warning,) = [t for t in self.texts(LogLevel.warn) if "not delivered" in t]
+        self.assertNotIn("similar failures", warning)
+
+    def test_the_delivery_line_names_the_instance_kind_and_title(self):
+        rep = self.reporter(FakeSupport())
+        body = report(1)
+        body["incidents"][0]["title"] = "WARNING in dev_queue_xmit"
+        self.submit(rep, body)
+        (line,) = [t for t in self.texts(LogLevel.info) if "delivered (HTTP" in t]
+        self.assertTrue(line.startswith(
+            f"Report {1:032x} for 192.0.2.10: warning: WARNING in dev_queue_xmit delivered (HTTP 200, attempt 1"
+        ), line)
+
     def test_a_hanging_request_times_out_and_is_retried(self):
         rep = self.reporter(FakeSupport([Answer(hang=True)]))
         self.submit(rep, report(1))

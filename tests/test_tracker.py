@@ -279,7 +279,50 @@ class FingerprintFoldingTests(TrackerTests):
         self.send(ALLOC_WARNING % b"tfw_pool_new")
         self.clock.advance(5)
         said = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.info]
-        self.assertIn(f"Report {self.reports[0]['report_id']} for {HOST}: WARNING in tfw_pool_new (tempesta_fw)", said)
+        self.assertIn(
+            f"Report {self.reports[0]['report_id']} for {HOST}: warning: WARNING in tfw_pool_new (tempesta_fw); "
+            "detected 5.0 s earlier on: WARNING: CPU: 1 PID: 7 at mm/page_alloc.c:4360 __alloc_pages+0x2cc/0x340",
+            said,
+        )
+
+    def said(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.info]
+
+    def listen(self) -> None:
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_escalation_in_one_window_is_logged_with_the_most_severe_kind(self):
+        self.listen()
+        self.send(b"[    1.000000] kernel BUG at net/core/dev.c:10!\n")
+        self.send(b"[    1.000001] Oops: invalid opcode: 0000 [#1] PREEMPT SMP\n")
+        self.send(b"[    1.000002] Kernel panic - not syncing: Fatal exception\n")
+        self.clock.advance(5)
+        said = self.said()
+        self.assertIn(f"{HOST}: escalated from bug to oops: Oops: invalid opcode: 0000 [#1] PREEMPT SMP", said)
+        self.assertIn(f"{HOST}: escalated from oops to crash: Kernel panic - not syncing: Fatal exception", said)
+        (report_line,) = [s for s in said if s.startswith("Report ")]
+        self.assertIn(f"for {HOST}: crash: ", report_line)
+
+    def test_repeats_folded_by_the_cooldown_are_logged_once_per_burst(self):
+        self.listen()
+        for _ in range(4):
+            self.send(WARNING % (1, 42))
+            self.clock.advance(5)
+        folded = [s for s in self.said() if "folded into the next report" in s]
+        self.assertEqual(folded, [
+            f"{HOST}: WARNING in dev_queue_xmit reported within cooldown_seconds=300; folded into the next report"
+        ])
+        self.assertFalse([s for s in self.said() if "(0 " in s])
+
+    def test_repeats_in_one_window_are_counted_in_the_report_line(self):
+        self.listen()
+        self.send(WARNING % (1, 42))
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        (report_line,) = [s for s in self.said() if s.startswith("Report ")]
+        self.assertIn("WARNING in dev_queue_xmit (1 repeats folded)", report_line)
 
     def test_repeat_within_cooldown_is_announced_quietly(self):
         events = []

@@ -111,3 +111,50 @@ class TwistdTests(unittest.TestCase):
         for flag in ("--host", "--port", "--support-host", "--support-port", "--support-client-id",
                      "--support-api-key", "--config-file", "--skip-ssl-verification"):
             self.assertIn(flag, text)
+
+    @defer.inlineCallbacks
+    def test_version_prints_tempesta_ts_version(self):
+        from tempesta_ts import __version__
+        child = spawn(self, "twistd", [*TWISTD, "tempesta-ts", "--version"])
+        reason = yield child.ended(SECONDS)
+        self.assertIsInstance(reason, error.ProcessDone, child.tail())
+        self.assertIn(f"tempesta-ts {__version__}", child.lines[0])
+
+    @defer.inlineCallbacks
+    def test_a_config_error_is_one_line_without_the_usage_banner(self):
+        lines = yield self.refused("--config", EXAMPLE, "--config-file", "/etc/other.json")
+        text = "\n".join(l for l in lines if l)
+        self.assertNotIn("Usage: twistd", text)
+        self.assertEqual(
+            text,
+            "tempesta-ts: --config/--config-file: two config files given "
+            f"({EXAMPLE!r} and '/etc/other.json'); expected one",
+        )
+
+    @defer.inlineCallbacks
+    def test_start_up_line_names_the_config_file(self):
+        spool = os.path.abspath(self.mktemp())
+        child = self.twistd("--config", EXAMPLE, "--port", "0", "--spool-dir", spool)
+        line = yield child.line_containing(STARTED, SECONDS)
+        self.assertTrue(line.endswith(f"; config {EXAMPLE}"), line)
+        child.transport.signalProcess("TERM")
+        yield child.ended(SECONDS)
+
+    @defer.inlineCallbacks
+    def test_daemonised_port_in_use_error_is_whole(self):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        busy.bind(("127.0.0.1", 0))
+        self.addCleanup(busy.close)
+        port = str(busy.getsockname()[1])
+        run = os.path.abspath(self.mktemp())
+        os.makedirs(run)
+        child = spawn(self, "twistd", [
+            *TWISTD, f"--pidfile={run}/pid", f"--logfile={run}/log", "tempesta-ts", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--port", port, "--spool-dir", os.path.join(run, "spool"),
+        ])
+        reason = yield child.ended(SECONDS)
+        self.assertIsInstance(reason, error.ProcessTerminated, child.tail())
+        whole = [l for l in child.lines if l.startswith("tempesta-ts: cannot listen")]
+        self.assertEqual(len(whole), 1, child.tail())
+        self.assertIn(f"cannot listen on UDP 127.0.0.1:{port}: the port is in use", whole[0])
+        self.assertFalse(whole[0].endswith("'"), whole[0])
