@@ -196,9 +196,10 @@ def build_pipeline(
 
 
 def reconfigure_pipeline(pipeline: Pipeline, config: Config) -> None:
-    """Take reloaded rules and timings (SIGHUP): new windows use them, open ones keep theirs;
-    log_level debug adds the observer logging every line, leaving it removes it."""
+    """Take reloaded rules, timings and redactions (SIGHUP): new windows use them, open ones
+    keep their rules; log_level debug adds the observer logging every line, leaving it removes it."""
     tracker, registry = pipeline.tracker, pipeline.registry
+    pipeline.make_report.redactor = Redactor.of(config)
     tracker.reconfigure(Rules(config.incident_patterns, config.ignore_patterns),
                         config.settle_seconds, config.cooldown_seconds)
     if config.log_level == "debug" and log_lines not in registry.observers:

@@ -28,6 +28,10 @@ RELOADABLE = {
     "support_api_key_file",
     "support_ca_file",
     "skip_ssl_verification",
+    "report_redactions",
+    "report_exclude_patterns",
+    "status_token",
+    "status_token_file",
 }
 
 

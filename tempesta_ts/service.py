@@ -292,6 +292,8 @@ class TroubleshootingService(service.MultiService):
         set_level(config.log_level)
         self.intake.sources = SourceFilter(config.allowed_sources)
         reconfigure_pipeline(self.pipeline, config)
+        if self.web is not None:
+            self.web.status_token = config.status_token
         for component in self.reconfigurable:
             component.reconfigure(config)
         self.config = config

@@ -86,6 +86,23 @@ class SignalsTests(unittest.TestCase):
         self.signals.reload()
         self.assertIsNone(self.service.tracker.rules.detect("WARNING: CPU: 1 PID: 1 at x.c:1 f+0x1/0x2"))
 
+    def test_redactions_change_live(self):
+        self.assertIsNone(self.service.pipeline.make_report.redactor)
+        self.next = settings.replace(self.service.config,
+                                     report_redactions=(("token=\\S+", "token=X"),))
+        self.signals.reload()
+        redactor = self.service.pipeline.make_report.redactor
+        self.assertEqual(redactor.line("GET /?token=abc"), "GET /?token=X")
+        self.assertEqual(self.said(), ["Reloaded t.conf: changed report_redactions"])
+
+    def test_the_status_token_changes_live(self):
+        service = TroubleshootingService(
+            settings.Config(port=0, host="127.0.0.1", spool_dir=self.mktemp(), metrics_port=9),
+            task.Clock(),
+        )
+        service.reconfigure(settings.replace(service.config, status_token="s3cret-token"))
+        self.assertEqual(service.web.status_token, "s3cret-token")
+
     def test_a_bad_config_is_refused_and_the_old_stays(self):
         before = self.service.config
         self.next = settings.ConfigError("config file 't.conf': key 'port': 70000 is not valid")
