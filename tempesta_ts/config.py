@@ -11,20 +11,17 @@ import ipaddress
 import json
 import os
 import re
-import stat
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+from tempesta_ts.credentials import API_KEY_ENV, STATUS_TOKEN_ENV, api_key_exposures, secret_from
+from tempesta_ts.errors import ConfigError
 from tempesta_ts.incidents import KINDS as INCIDENT_KINDS
 
-API_KEY_ENV = "TEMPESTA_TS_SUPPORT_API_KEY"
-STATUS_TOKEN_ENV = "TEMPESTA_TS_STATUS_TOKEN"
+__all__ = ["API_KEY_ENV", "STATUS_TOKEN_ENV", "ConfigError", "api_key_exposures"]
+
 LOG_LEVELS = ("debug", "info", "warn", "error")
 MiB = 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names the key, the value and what is expected."""
 
 
 # Kinds: each parses a value from JSON and from a flag's text, raising ValueError on bad input.
@@ -499,41 +496,15 @@ def build(
     values = {**file_values, **flag_values}
     config = Config(**values)
     if config.support_api_key is None:
-        config = replace(config, support_api_key=_api_key_from(config, environ))
+        key = secret_from("support_api_key_file", config.support_api_key_file, API_KEY_ENV,
+                          environ, "the API key")
+        config = replace(config, support_api_key=key)
     if config.status_token is None:
-        config = replace(config, status_token=_status_token_from(config, environ))
+        token = secret_from("status_token_file", config.status_token_file, STATUS_TOKEN_ENV,
+                            environ, "the token")
+        config = replace(config, status_token=token)
     _check(config)
     return config
-
-
-def api_key_exposures(
-    config_path: str | None, file_values: Mapping[str, Any], flag_values: Mapping[str, Any],
-    config: Config,
-) -> list[str]:
-    """Warnings for an API key that other local users can read; the key itself is never named."""
-    better = (
-        f"support_api_key_file (mode 600), ${API_KEY_ENV} or systemd's LoadCredential "
-        "(see contrib/tempesta-ts.service)"
-    )
-    warnings = []
-    if "support_api_key" in flag_values:
-        warnings.append(
-            "The API key is given with --support-api-key, where any local user can read it "
-            f"(ps, /proc); give it in {better}"
-        )
-    mode = _world_readable(config_path) if "support_api_key" in file_values else None
-    if mode is not None:
-        warnings.append(
-            f"Config file {config_path!r} holds support_api_key and any local user can read it "
-            f"(mode {mode:04o}); chmod 600 it, or move the key to {better}"
-        )
-    mode = _world_readable(config.support_api_key_file)
-    if mode is not None:
-        warnings.append(
-            f"support_api_key_file {config.support_api_key_file!r} can be read by any local "
-            f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
-        )
-    return warnings
 
 
 def ineffective_settings(config: Config, given: Mapping[str, Any]) -> list[str]:
@@ -556,56 +527,6 @@ def ineffective_settings(config: Config, given: Mapping[str, Any]) -> list[str]:
                 "Stand-alone (no support_host): " + ", ".join(unused) + " given but not used"
             )
     return warnings
-
-
-def _world_readable(path: str | None) -> int | None:
-    """The permission bits of a file that others may read, else None."""
-    if path is None:
-        return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    return stat.S_IMODE(mode) if mode & stat.S_IROTH else None
-
-
-def _api_key_from(config: Config, environ: Mapping[str, str]) -> str | None:
-    if config.support_api_key_file is not None:
-        path = config.support_api_key_file
-        try:
-            with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = getattr(e, "strerror", None) or str(e)
-            raise ConfigError(
-                f"support_api_key_file: cannot read {path!r} ({reason}); "
-                "expected a readable file holding only the API key"
-            ) from None
-        if not key:
-            raise ConfigError(
-                f"support_api_key_file: {path!r} is empty; expected a file holding the API key"
-            )
-        return key
-    return environ.get(API_KEY_ENV) or None
-
-
-def _status_token_from(config: Config, environ: Mapping[str, str]) -> str | None:
-    # Read as the API key is: a file holding only it, else the environment.
-    path = config.status_token_file
-    if path is None:
-        return environ.get(STATUS_TOKEN_ENV) or None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError(
-            f"status_token_file: cannot read {path!r} ({reason}); "
-            "expected a readable file holding only the token"
-        ) from None
-    if not token:
-        raise ConfigError(f"status_token_file: {path!r} is empty; expected a file holding the token")
-    return token
 
 
 def _check(config: Config) -> None:

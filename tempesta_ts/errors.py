@@ -8,6 +8,10 @@ class StartupError(Exception):
     """The server cannot start; the message says why and what to do, in one line."""
 
 
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the key, the value and what is expected."""
+
+
 def describe_listen_error(
     proto: str,
     host: str,
