@@ -226,7 +226,8 @@ class TroubleshootingService(service.MultiService):
         if self.web is not None:
             yield self.web.stopService()
 
-    def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
+    def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int,
+                     trigger: LogLine | None = None) -> dict:
         shown = instance.system_info
         if self.system_info_store is not None:
             shown = self._newest_system_info(instance)
@@ -241,6 +242,7 @@ class TroubleshootingService(service.MultiService):
                 hostname=self.hostname,
                 version=__version__,
                 now=self.reactor.seconds(),
+                trigger=trigger,
             )
         finally:
             instance.system_info = held

@@ -357,9 +357,9 @@ class ReportTitleTests(unittest.TestCase):
         tracker = IncidentTracker(Rules(), self.clock, 5.0, 300.0, self.make_report, self.submit, self.stats)
         self.registry.observers.append(tracker.lines_added)
 
-    def make_report(self, instance, incidents, suppressed):
+    def make_report(self, instance, incidents, suppressed, trigger=None):
         return build_report(instance=instance, incidents=incidents, suppressed=suppressed, client_id="c",
-                            hostname="ts", version="0", now=self.clock.seconds())
+                            hostname="ts", version="0", now=self.clock.seconds(), trigger=trigger)
 
     def submit(self, report):
         self.reports.append(report)
