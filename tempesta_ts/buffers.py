@@ -215,6 +215,9 @@ class BufferRegistry:
         #: Instances whose decoder waits for time (partial line, fragments).
         self._waiting: set[str] = set()
         self.observers: list[LinesObserver] = []
+        #: Observers that see every line whatever line_filter hides from `observers` (a copy
+        #: of the log elsewhere: ClickHouse); called first.
+        self.every_line: list[LinesObserver] = []
         #: Per first byte of a line, what it must contain and match for the observers to see
         #: it (`Rules.line_filter`); None: they see every line. Watched instances show all.
         self.line_filter: LineFilter | None = None
@@ -273,6 +276,11 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
+            lines = None
+            if self.every_line:
+                lines = (unpack_record(record)[0],)
+                for observer in self.every_line:
+                    observer(instance, lines)
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
@@ -287,9 +295,10 @@ class BufferRegistry:
                     return
                 if pattern.match(record, RECORD_TEXT) is None:
                     return
-            line = unpack_record(record)[0]
+            if lines is None:
+                lines = (unpack_record(record)[0],)
             for observer in self.observers:
-                observer(instance, (line,))
+                observer(instance, lines)
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""
@@ -329,6 +338,8 @@ class BufferRegistry:
     def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
+        for observer in self.every_line:
+            observer(instance, lines)
         for observer in self.observers:
             observer(instance, lines)
 

@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 API_KEY_ENV = "TEMPESTA_TS_SUPPORT_API_KEY"
+CLICKHOUSE_PASSWORD_ENV = "TEMPESTA_TS_CLICKHOUSE_PASSWORD"
 INCIDENT_KINDS = ("crash", "oops", "bug", "warning", "error")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 MiB = 1024 * 1024
@@ -177,6 +178,29 @@ def _incident_patterns_text(text: str) -> tuple:
     return INCIDENT_PATTERNS.parse_json(value)
 
 
+def _clickhouse_url(value: Any) -> str | None:
+    expected = "an http:// or https:// URL such as http://clickhouse.example:8123 (empty: off)"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    value = value.strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"(https?)://([^/?#@\s]+)/?", value)
+    if match is None:
+        # A user or password in the URL would be shown wherever the URL is.
+        if "@" in value:
+            raise ValueError(expected + ", without a user or password (clickhouse_user, "
+                             "clickhouse_password_file)")
+        raise ValueError(expected)
+    return value.rstrip("/")
+
+
+def _identifier(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        raise ValueError("a database name of letters, digits and _ such as tempesta_ts")
+    return value
+
+
 PORT = _integer(0, 65535, " (0 picks a free port)")
 OFF_OR_PORT = _integer(0, 65535, " (0 turns it off)")
 SUPPORT_PORT = _integer(1, 65535)
@@ -188,6 +212,11 @@ CIDRS = _list_of(_cidr, 'a list of CIDRs such as ["10.0.0.0/8", "2001:db8::/32"]
 PATTERNS = _list_of(_regex, "a list of regular expressions (strings)")
 INCIDENT_PATTERNS = _list_of(_incident_pattern, 'a list of {"kind": K, "regex": R} objects')
 INCIDENT_PATTERNS = replace(INCIDENT_PATTERNS, parse_text=_incident_patterns_text)
+CLICKHOUSE_URL = Kind(
+    "an http:// or https:// URL such as http://clickhouse.example:8123 (empty: off)",
+    _clickhouse_url, _clickhouse_url,
+)
+IDENTIFIER = Kind("a database name of letters, digits and _", _identifier, _identifier)
 
 
 def _setting(default: Any, kind: Kind, help: str, *, secret: bool = False) -> Any:
@@ -293,6 +322,29 @@ class Config:
     )
     metrics_host: str = _setting("127.0.0.1", HOST_ADDRESS, "Address of the metrics endpoint.")
     metrics_port: int = _setting(9478, OFF_OR_PORT, "Port of the /metrics endpoint.")
+    clickhouse_url: str | None = _setting(
+        None, CLICKHOUSE_URL,
+        "ClickHouse HTTP interface to send every log line and incident to (none: off).",
+    )
+    clickhouse_database: str = _setting(
+        "tempesta_ts", IDENTIFIER, "ClickHouse database; it and its tables are made if missing."
+    )
+    clickhouse_user: str | None = _setting(None, TEXT, "ClickHouse user (none: ClickHouse's default).")
+    clickhouse_password: str | None = _setting(
+        None,
+        TEXT,
+        "ClickHouse password (better: clickhouse_password_file or "
+        f"${CLICKHOUSE_PASSWORD_ENV}).",
+        secret=True,
+    )
+    clickhouse_password_file: str | None = _setting(
+        None, PATH, "File holding only the ClickHouse password."
+    )
+    clickhouse_queue_max_bytes: int = _setting(
+        64 * MiB,
+        _integer(MiB),
+        "Rows waiting for ClickHouse (while it is away); past it the oldest are dropped.",
+    )
 
     @property
     def standalone(self) -> bool:
@@ -408,38 +460,56 @@ def build(
     values = {**file_values, **flag_values}
     config = Config(**values)
     if config.support_api_key is None:
-        config = replace(config, support_api_key=_api_key_from(config, environ))
+        config = replace(config, support_api_key=_secret_from(
+            "support_api_key_file", config.support_api_key_file, "the API key", API_KEY_ENV, environ
+        ))
+    if config.clickhouse_password is None:
+        config = replace(config, clickhouse_password=_secret_from(
+            "clickhouse_password_file", config.clickhouse_password_file, "the password",
+            CLICKHOUSE_PASSWORD_ENV, environ,
+        ))
     _check(config)
     return config
+
+
+#: Secret settings: (key, its file's key, what it is, its environment variable).
+SECRETS = (
+    ("support_api_key", "support_api_key_file", "The API key", API_KEY_ENV),
+    ("clickhouse_password", "clickhouse_password_file", "The ClickHouse password",
+     CLICKHOUSE_PASSWORD_ENV),
+)
 
 
 def api_key_exposures(
     config_path: str | None, file_values: Mapping[str, Any], flag_values: Mapping[str, Any],
     config: Config,
 ) -> list[str]:
-    """Warnings for an API key that other local users can read; the key itself is never named."""
-    better = (
-        f"support_api_key_file (mode 600), ${API_KEY_ENV} or systemd's LoadCredential "
-        "(see contrib/tempesta-ts.service)"
-    )
+    """Warnings for an API key (or the ClickHouse password) that other local users can read;
+    the secret itself is never named."""
     warnings = []
-    if "support_api_key" in flag_values:
-        warnings.append(
-            "The API key is given with --support-api-key, where any local user can read it "
-            f"(ps, /proc); give it in {better}"
+    for key, file_key, what, variable in SECRETS:
+        better = (
+            f"{file_key} (mode 600), ${variable} or systemd's LoadCredential "
+            "(see contrib/tempesta-ts.service)"
         )
-    mode = _world_readable(config_path) if "support_api_key" in file_values else None
-    if mode is not None:
-        warnings.append(
-            f"Config file {config_path!r} holds support_api_key and any local user can read it "
-            f"(mode {mode:04o}); chmod 600 it, or move the key to {better}"
-        )
-    mode = _world_readable(config.support_api_key_file)
-    if mode is not None:
-        warnings.append(
-            f"support_api_key_file {config.support_api_key_file!r} can be read by any local "
-            f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
-        )
+        if key in flag_values:
+            warnings.append(
+                f"{what} is given with --{flag_name(key)}, where any local user can read it "
+                f"(ps, /proc); give it in {better}"
+            )
+        mode = _world_readable(config_path) if key in file_values else None
+        if mode is not None:
+            warnings.append(
+                f"Config file {config_path!r} holds {key} and any local user can read it "
+                f"(mode {mode:04o}); chmod 600 it, or move {what[0].lower() + what[1:]} to {better}"
+            )
+        path = getattr(config, file_key)
+        mode = _world_readable(path)
+        if mode is not None:
+            warnings.append(
+                f"{file_key} {path!r} can be read by any local "
+                f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
+            )
     return warnings
 
 
@@ -454,24 +524,24 @@ def _world_readable(path: str | None) -> int | None:
     return stat.S_IMODE(mode) if mode & stat.S_IROTH else None
 
 
-def _api_key_from(config: Config, environ: Mapping[str, str]) -> str | None:
-    if config.support_api_key_file is not None:
-        path = config.support_api_key_file
+def _secret_from(
+    key: str, path: str | None, what: str, variable: str, environ: Mapping[str, str]
+) -> str | None:
+    """A secret from its file (setting `key`), else from the environment variable."""
+    if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
+                secret = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or str(e)
             raise ConfigError(
-                f"support_api_key_file: cannot read {path!r} ({reason}); "
-                "expected a readable file holding only the API key"
+                f"{key}: cannot read {path!r} ({reason}); "
+                f"expected a readable file holding only {what}"
             ) from None
-        if not key:
-            raise ConfigError(
-                f"support_api_key_file: {path!r} is empty; expected a file holding the API key"
-            )
-        return key
-    return environ.get(API_KEY_ENV) or None
+        if not secret:
+            raise ConfigError(f"{key}: {path!r} is empty; expected a file holding {what}")
+        return secret
+    return environ.get(variable) or None
 
 
 def _check(config: Config) -> None:

@@ -86,6 +86,14 @@ COUNTERS = (
     ("reports_dropped", "reports_dropped",
      "Reports dropped from the spool by spool_max_bytes, or alone larger than it."),
     ("reports_lost", "reports_lost", "Reports that could not be written to disk at all."),
+    ("clickhouse_rows_sent", "clickhouse_rows_sent",
+     "Rows ClickHouse took (kernel_log and incidents)."),
+    ("clickhouse_rows_dropped", "clickhouse_rows_dropped",
+     "Rows never sent to ClickHouse: the oldest, past clickhouse_queue_max_bytes while it was "
+     "away, or left at shutdown."),
+    ("clickhouse_insert_errors", "clickhouse_insert_errors",
+     "Failed requests to ClickHouse (inserts, making the tables); their rows wait and are "
+     "sent again."),
 )
 
 #: stats key -> the ``part`` label of tempesta_ts_errors_total.
@@ -96,6 +104,7 @@ ERRORS = (
     ("timer_errors", "timer"),
     ("tracker_errors", "tracker"),
     ("spool_errors", "spool"),
+    ("clickhouse_errors", "clickhouse"),
 )
 
 #: Every stats key the server is known to count, so that a status shows zeros too.
@@ -230,6 +239,12 @@ class ServerCollector(Collector):
         yield from self._instances()
         yield from self._reports()
         yield from self._udp()
+        clickhouse = getattr(server, "clickhouse", None)
+        if clickhouse is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "clickhouse_queued_rows", "Rows waiting to be sent to ClickHouse.",
+                value=clickhouse.queued_rows,
+            )
 
     def _instances(self) -> Iterator[Metric]:
         registry = self.server.registry

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from tempesta_ts import __version__
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry, Instance, SystemInfo
+from tempesta_ts.clickhouse import ClickHouse
 from tempesta_ts.config import Config
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.incidents import Rules
@@ -174,10 +175,16 @@ class TroubleshootingService(service.MultiService):
             config.settle_seconds,
             config.cooldown_seconds,
             self._make_report,
-            self.sink.submit,
+            self._submit,
             self.stats,
         )
         self.hostname = socket.gethostname()
+        # ClickHouse (clickhouse_url): every line, whatever line_filter hides from the tracker,
+        # and the incidents of every report made (_submit).
+        self.clickhouse = ClickHouse.of(config, reactor, self.stats, self.hostname)
+        if self.clickhouse is not None:
+            self.clickhouse.setServiceParent(self)
+            self.registry.every_line.append(self.clickhouse.lines_added)
         # Started in this order, stopped in reverse (see stopService).
         self.sink.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
@@ -216,15 +223,23 @@ class TroubleshootingService(service.MultiService):
         if not self.running:
             return
         service.Service.stopService(self)
-        ordered = (self.listeners, self.registry_service, self.sink, self.web)
+        ordered = (self.listeners, self.registry_service, self.sink, self.clickhouse, self.web)
         for other in [c for c in self if c not in ordered]:
             yield maybeDeferred(other.stopService)
         yield self.listeners.stopService()
         yield self.registry_service.stopService()
         yield self.tracker.close_all()
         yield self.sink.stopService()
+        if self.clickhouse is not None:
+            yield self.clickhouse.stopService()
         if self.web is not None:
             yield self.web.stopService()
+
+    def _submit(self, report: dict):
+        """Hand a finished report to the sink, its incidents to ClickHouse first."""
+        if self.clickhouse is not None:
+            self.clickhouse.report_made(report)
+        return self.sink.submit(report)
 
     def _make_report(self, instance: Instance, incidents: Sequence[Incident], suppressed: int,
                      trigger: LogLine | None = None) -> dict:
