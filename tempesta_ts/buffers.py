@@ -276,14 +276,13 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
-            lines = None
             if self.every_line:
-                lines = (unpack_record(record)[0],)
-                for observer in self.every_line:
-                    observer(instance, lines)
+                self._to_every_line(instance, record)
+                return
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
+            # (_shows is the same test; inlined here, where every datagram passes.)
             table = self.line_filter
             if table is not None and not instance.watched and len(record) > RECORD_TEXT:
                 entry = table[record[RECORD_TEXT]]
@@ -295,10 +294,33 @@ class BufferRegistry:
                     return
                 if pattern.match(record, RECORD_TEXT) is None:
                     return
-            if lines is None:
-                lines = (unpack_record(record)[0],)
+            line = unpack_record(record)[0]
+            for observer in self.observers:
+                observer(instance, (line,))
+
+    def _to_every_line(self, instance: Instance, record: bytes) -> None:
+        """A record to the every-line observers, then, if line_filter shows it, to the others;
+        decoded once for all."""
+        lines = (unpack_record(record)[0],)
+        for observer in self.every_line:
+            observer(instance, lines)
+        if self.observers and self._shows(instance, record):
             for observer in self.observers:
                 observer(instance, lines)
+
+    def _shows(self, instance: Instance, record: bytes) -> bool:
+        """Whether line_filter lets the observers see a record: one that could start an
+        incident, or any of a watched instance."""
+        table = self.line_filter
+        if table is None or instance.watched or len(record) <= RECORD_TEXT:
+            return True
+        entry = table[record[RECORD_TEXT]]
+        if entry is None:
+            return False
+        needle, pattern = entry
+        if needle and record.find(needle, RECORD_TEXT) < 0:
+            return False
+        return pattern.match(record, RECORD_TEXT) is not None
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""

@@ -38,6 +38,8 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
 #: No answer within this long is a failed request.
 REQUEST_SECONDS = 30.0
+#: Idle connections to ClickHouse are closed after this long.
+IDLE_CONNECTION_SECONDS = 2.0
 #: At shutdown, how long what waits may take to go.
 STOP_SECONDS = 5.0
 #: Memory a queued row takes beyond its characters: the str object and its deque slot.
@@ -265,6 +267,9 @@ class ClickHouse(service.Service):
         pool = None
         if http_client is None:
             pool = QuietConnectionPool(reactor, persistent=True)
+            # Closed before ClickHouse's keep_alive_timeout (3 s by default) would, so that an
+            # insert never goes out on a connection the server is closing.
+            pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
             http_client = HTTPClient(Agent(reactor, pool=pool), data_to_body_producer=BytesProducer)
         return cls(
             config.clickhouse_url, config.clickhouse_database, config.clickhouse_user,

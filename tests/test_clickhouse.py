@@ -327,6 +327,27 @@ class WiringTests(unittest.TestCase):
         self.assertEqual([l.text for l in everything], expected_lines("extended-boot-and-warning.txt"))
         self.assertLess(len(filtered), len(everything) // 4)
 
+    def test_every_line_observers_change_nothing_the_tracker_sees(self):
+        seen = {}
+        for every in (False, True):
+            registry = BufferRegistry(10, 1000, 1 << 20, Counter())
+            registry.line_filter = Rules().line_filter
+            filtered = seen[every] = []
+            if every:
+                registry.every_line.append(lambda instance, lines: None)
+            registry.observers.append(lambda instance, lines: filtered.extend(l.text for l in lines))
+            for name in ("extended-sysrq-crash.txt", "plain-boot-and-warning.txt"):
+                for gram in datagrams(name):
+                    registry.receive_datagram(HOST, gram, 1.0)
+                # A watched instance (an open incident) shows every line.
+                registry.get(HOST).watched = True
+                registry.receive_datagram(HOST, b"6,9999,1,-;an ordinary line\n", 2.0)
+                registry.get(HOST).watched = False
+            registry.flush(3.0)
+        self.assertEqual(seen[True], seen[False])
+        self.assertIn("an ordinary line", seen[True])
+        self.assertIn("Kernel panic - not syncing: sysrq triggered crash", seen[True])
+
     def test_off_without_clickhouse_url(self):
         svc = TroubleshootingService(Config(host="127.0.0.1", port=0, metrics_port=0, spool_dir=self.mktemp()), reactor)
         self.assertIsNone(svc.clickhouse)
