@@ -4,12 +4,13 @@ and what does a line cost?
 Two parts:
 - CPU per line in process: the every-line observer (a row formatted and queued) and the
   making of the request body, on lines as the buffer registry gives them;
-- keeping up: the server's buffer registry fed --rate lines a second (in slices every 10 ms, as
-  reads of the socket would) for --seconds, with the sink sending to a clickhouse-server of
+- keeping up: the server's buffer registry fed --rate lines a second (in slices every
+  millisecond, as reads of the socket would) for --seconds, with the sink sending to a clickhouse-server of
   its own on loopback; rows sent, dropped and waiting, the inserts made, the rows ClickHouse
   counts, and the process's CPU beside the same run without the sink.
 
     python bench/clickhouse.py [--rate 50000] [--seconds 10] [--url http://127.0.0.1:8123]
+    python bench/clickhouse.py --instructions     # the in-process part counted by valgrind
 
 Without --url it starts the installed clickhouse-server (as the tests do, from a copy of its
 packaged config on free loopback ports) and stops it at the end.
@@ -20,9 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from functools import partial
 
@@ -34,7 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from twisted.internet import defer, task  # noqa: E402
 
 from tempesta_ts.buffers import BufferRegistry  # noqa: E402
-from tempesta_ts.clickhouse import ClickHouse  # noqa: E402
+from tempesta_ts.clickhouse import BATCH_ROWS, ClickHouse, compress_body  # noqa: E402
 from tempesta_ts.config import Config  # noqa: E402
 from tempesta_ts.incidents import Rules  # noqa: E402
 from tempesta_ts.metrics import KNOWN_STATS  # noqa: E402
@@ -70,6 +75,43 @@ def registry_with(sink) -> BufferRegistry:
     return registry
 
 
+def work(count: int, with_sink: bool) -> None:
+    """Lines through the registry, and with the sink their rows and request bodies (no sending)."""
+    sink = None
+    if with_sink:
+        sink = ClickHouse("http://127.0.0.1:1", "bench", None, None, "bench", task.Clock(), None,
+                          Counter(), 1 << 40, batch_rows=10**12)
+    registry = registry_with(sink)
+    now = 1_800_000_000.0
+    for i in range(count):
+        registry.receive_datagram(f"127.1.0.{i % INSTANCES + 1}", gram(i // INSTANCES), now)
+    if sink is not None:
+        rows = list(sink._lines.rows)
+        for n in range(0, len(rows), BATCH_ROWS):
+            compress_body("".join(rows[n : n + BATCH_ROWS]).encode("utf-8", "backslashreplace"))
+
+
+def counted(count: int, with_sink: bool) -> int:
+    """Instructions valgrind counts for work(count, with_sink) in a process of its own."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         os.path.abspath(__file__), "--work", json.dumps([count, with_sink])],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"), timeout=1200,
+        check=True,
+    ).stderr
+    return int(re.search(r"Collected : (\d+)", out).group(1))
+
+
+def instructions(small: int, large: int) -> None:
+    """The sink's instructions a line: with and without it, at two sizes (start-up cancels)."""
+    with_sink = counted(large, True) - counted(small, True)
+    without = counted(large, False) - counted(small, False)
+    lines = large - small
+    print("instructions a line, in process (valgrind):")
+    print(f"  registry without the sink         {without / lines:8.0f}")
+    print(f"  the sink (row, queue, body)       {(with_sink - without) / lines:8.0f}")
+
+
 def in_process(count: int) -> None:
     """CPU per line of the observer and of the body, no sending."""
     grams = [(f"127.1.0.{i % INSTANCES + 1}", gram(i // INSTANCES)) for i in range(count)]
@@ -87,15 +129,32 @@ def in_process(count: int) -> None:
         timings[name] = (time.process_time() - started) / count * 1e6
     rows = list(sink._lines.rows)
     started = time.process_time()
-    for n in range(0, len(rows), 10_000):
-        "".join(rows[n : n + 10_000]).encode("utf-8", "backslashreplace")
+    for n in range(0, len(rows), BATCH_ROWS):
+        compress_body("".join(rows[n : n + BATCH_ROWS]).encode("utf-8", "backslashreplace"))
     body = (time.process_time() - started) / len(rows) * 1e6
     print(f"in process, {count} lines from {INSTANCES} instances:")
     print(f"  registry without the sink      {timings['without the sink']:5.2f} us a line")
     print(f"  registry with the sink         {timings['with the sink']:5.2f} us a line "
           f"(+{timings['with the sink'] - timings['without the sink']:.2f}: unpack, format, queue)")
-    print(f"  request body (join, encode)    {body:5.2f} us a line")
+    print(f"  request body (join, compress)  {body:5.2f} us a line")
     print(f"  row size                       {sum(map(len, rows)) / len(rows):5.0f} bytes of JSON")
+
+
+def timed(sink, reactor) -> list[tuple[int, float]]:
+    """(rows, seconds) of each insert the sink makes."""
+    inserts = []
+    post = sink._post
+
+    def wrapped(query, body=None):
+        started = reactor.seconds()
+        d = post(query, body)
+        if body is not None:
+            rows = zlib.decompress(body).count(b"\n")
+            d.addCallback(lambda r: inserts.append((rows, reactor.seconds() - started)) or r)
+        return d
+
+    sink._post = wrapped
+    return inserts
 
 
 @defer.inlineCallbacks
@@ -108,6 +167,7 @@ def keep_up(reactor, url: str, rate: int, seconds: float, query):
         if mode == "with the sink":
             config = Config(clickhouse_url=url, clickhouse_database=database)
             sink = ClickHouse.of(config, reactor, Counter(), "bench")
+            inserts = timed(sink, reactor)
             sink.startService()
         registry = registry_with(sink)
         seq = [0]
@@ -125,7 +185,8 @@ def keep_up(reactor, url: str, rate: int, seconds: float, query):
                 largest[0] = max(largest[0], sink.queued_rows)
 
         loop = task.LoopingCall(feed)
-        done = loop.start(0.01)
+        # Every millisecond, about 50 lines: what a read of the socket finds at 50,000/s.
+        done = loop.start(0.001)
         yield task.deferLater(reactor, seconds, loop.stop)
         yield done
         fed_seconds = reactor.seconds() - started
@@ -142,7 +203,9 @@ def keep_up(reactor, url: str, rate: int, seconds: float, query):
             result.update(
                 sent=sink.stats["clickhouse_rows_sent"], dropped=sink.stats["clickhouse_rows_dropped"],
                 errors=sink.stats["clickhouse_insert_errors"], largest_queue=largest[0],
-                clickhouse_count=int(counted.strip()),
+                clickhouse_count=int(counted.strip()), inserts=len(inserts),
+                rows_an_insert=round(sum(r for r, _ in inserts) / max(1, len(inserts))),
+                seconds_an_insert=round(sum(t for _, t in inserts) / max(1, len(inserts)), 3),
             )
         results[mode] = result
     base, full = results["without the sink"], results["with the sink"]
@@ -170,10 +233,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--lines", type=int, default=200_000, help="lines of the in-process part")
     parser.add_argument("--url", help="a running ClickHouse (default: start one)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the in-process part's instructions with valgrind, and stop")
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.work:
+        work(*json.loads(args.work))
+        return
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            sys.exit("needs valgrind (Debian: apt-get install valgrind)")
+        instructions(args.lines // 10, args.lines // 10 * 3)
+        return
     in_process(args.lines)
 
     from twisted.internet import reactor
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    def show(event):
+        # The sink's failures and notices, as the server would log them.
+        if event.get("log_level", LogLevel.debug) >= LogLevel.info and "ClickHouse" in (formatEvent(event) or ""):
+            print("  log:", formatEvent(event))
+
+    globalLogPublisher.addObserver(show)
 
     from tests import clickhouse_server
 

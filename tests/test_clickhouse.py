@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import uuid
+import zlib
 from collections import Counter
 
 from treq.testing import StubTreq
@@ -46,10 +47,15 @@ class FakeClickHouse(Resource):
         self.hanging = []
         #: (query, body) of each request answered 200.
         self.accepted: list[tuple[str, bytes]] = []
+        #: Content-Encoding of each request.
+        self.encodings: list[str | None] = []
 
     def render_POST(self, request):
         query = request.args.get(b"query", [b""])[0].decode()
         body = request.content.read()
+        self.encodings.append(request.getHeader("content-encoding"))
+        if self.encodings[-1] == "deflate":
+            body = zlib.decompress(body)
         self.requests.append((query or body.decode(), body if query else b"", request.getHeader("authorization")))
         if self.answer == "hang":
             self.hanging.append(request)
@@ -128,9 +134,11 @@ class BatchTests(SinkTestCase):
         self.assertEqual([r["text"] for r in rows], [f"line {n}" for n in range(250)])
         self.assertEqual(self.stats["clickhouse_rows_sent"], 250)
         self.assertEqual(sink.queued_rows, 0)
+        # Statements as they are, rows compressed.
+        self.assertEqual(self.fake.encodings, [None, None, None, "deflate"])
 
     def test_a_full_batch_goes_at_once(self):
-        sink = self.sink(batch_rows=100)
+        sink = self.sink(batch_rows=100, max_batch_rows=100)
         self.feed(sink, 250)
         self.clock.advance(0)
         self.stub.flush()
@@ -138,6 +146,20 @@ class BatchTests(SinkTestCase):
         self.assertEqual([len(rows) for _, rows in self.fake.inserts], [100, 100])
         self.tick()
         self.assertEqual([len(rows) for _, rows in self.fake.inserts], [100, 100, 50])
+
+    def test_a_backlog_goes_in_larger_inserts(self):
+        sink = self.sink(batch_rows=100, max_batch_rows=1000)
+        self.fake.answer = "hang"
+        self.feed(sink, 150)
+        self.clock.advance(0)
+        self.stub.flush()
+        # While that insert hangs, 2,500 rows come; once it fails they go in three inserts.
+        self.feed(sink, 2500, start=150)
+        self.fake.answer = None
+        self.tick(30)
+        self.tick(1)
+        self.assertEqual([len(rows) for _, rows in self.fake.inserts], [1000, 1000, 650])
+        self.assertEqual(self.stats["clickhouse_rows_sent"], 2650)
 
     def test_a_row_holds_time_instance_collector_level_numbers_and_text(self):
         line = LogLine(1_800_000_000.123456, 'tfw: "quoted" \\ tab\there \x01 é ✓', 4, 17, 987654)
@@ -147,6 +169,9 @@ class BatchTests(SinkTestCase):
             "collector": "ts-1", "level": 4, "seq": 17, "kernel_time_us": 987654,
             "text": 'tfw: "quoted" \\ tab\there \x01 é ✓',
         })
+        # Text that needs no escape goes as it is; any that does, escaped.
+        for text in ("tfw: é ✓ [tempesta fw] ok", "del \x7f", "nul \x00", "ls \u2028 ps \u2029", "q'uote"):
+            self.assertEqual(json.loads(line_row('"a"', '"b"', LogLine(1.5, text)))["text"], text)
         plain = json.loads(line_row('"a"', '"b"', LogLine(1.5, "x")))
         self.assertEqual((plain["level"], plain["seq"], plain["kernel_time_us"]), (None, None, None))
         # No kernel's number: null rather than a batch ClickHouse refuses for ever.
