@@ -2,9 +2,10 @@
 loopback ports, from a copy of its packaged configuration with the paths and ports changed.
 
 One server serves the tests of a class: the first test's setUp starts it, the last test's
-cleanup stops it (and an exit handler, when only some tests of the class ran). trial has no
+cleanup stops it (and an exit handler, when only some tests of the class ran here). trial has no
 setUpClass, and a process it watches would be reported as left over after each test: the server
-is a plain subprocess, killed with its parent (setpriv --pdeathsig).
+is a plain subprocess, killed with its parent (setpriv --pdeathsig) should the tests be killed.
+ClickHouse 18.16 runs as root: the data directory is the tests', owned by whoever runs them.
 """
 
 from __future__ import annotations
@@ -133,13 +134,14 @@ class ClickHouseServer:
     def start(self):
         """Start the server; fires once it answers /ping (bounded by START_SECONDS)."""
         log = open(os.path.join(self.directory, "stdout.log"), "wb")
-        # 18.16 runs as root; the data directory is the test's, owned by whoever runs them.
-        argv = ["setpriv", "--pdeathsig", "KILL", "--", binary(), f"--config-file={self.config}"]
+        argv = [binary(), f"--config-file={self.config}"]
+        if shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with log:
             self.process = subprocess.Popen(
                 argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
-        atexit.register(self.kill)
+        atexit.register(self.remove)
         deadline = reactor.seconds() + START_SECONDS
         while True:
             if self.process.poll() is not None:
@@ -178,10 +180,15 @@ class ClickHouseServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def kill(self) -> None:
-        """Kill at once (an exit handler, or a start that failed)."""
+        """Kill at once (a start that failed, or a stop that took too long)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def remove(self) -> None:
+        """At exit, when the last test of the class did not run here: kill, then remove."""
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def tail(self, count: int = 30) -> str:
         """The end of the server's own output and error log."""
