@@ -210,6 +210,7 @@ class BufferRegistry:
         line_filter: LineFilter | None = None,
         evicted: Iterable[Callable[[Instance], None]] = (),
         watched: Container[str] = frozenset(),
+        every_line: Iterable[LinesObserver] = (),
     ) -> None:
         self.max_instances = max_instances
         self.buffer_max_lines = buffer_max_lines
@@ -220,6 +221,9 @@ class BufferRegistry:
         self._waiting: set[str] = set()
         #: Called with each instance and the lines just appended to its buffer, in order.
         self.observers: list[LinesObserver] = list(observers)
+        #: Observers that see every line whatever line_filter hides from `observers` (a copy
+        #: of the log elsewhere: ClickHouse); called first.
+        self.every_line: list[LinesObserver] = list(every_line)
         #: Per first byte of a line, what it must contain and match for the observers to see
         #: it (`Rules.line_filter`); None: they see every line. Watched instances show all.
         self.line_filter: LineFilter | None = line_filter
@@ -282,9 +286,13 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
+            if self.every_line:
+                self._to_every_line(instance, record)
+                return
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
+            # (_shows is the same test; inlined here, where every datagram passes.)
             table = self.line_filter
             if table is not None and address not in self.watched and len(record) > RECORD_TEXT:
                 entry = table[record[RECORD_TEXT]]
@@ -299,6 +307,30 @@ class BufferRegistry:
             line = unpack_record(record)[0]
             for observer in self.observers:
                 observer(instance, (line,))
+
+    def _to_every_line(self, instance: Instance, record: bytes) -> None:
+        """A record to the every-line observers, then, if line_filter shows it, to the others;
+        decoded once for all."""
+        lines = (unpack_record(record)[0],)
+        for observer in self.every_line:
+            observer(instance, lines)
+        if self.observers and self._shows(instance, record):
+            for observer in self.observers:
+                observer(instance, lines)
+
+    def _shows(self, instance: Instance, record: bytes) -> bool:
+        """Whether line_filter lets the observers see a record: one that could start an
+        incident, or any of a watched instance."""
+        table = self.line_filter
+        if table is None or instance.address in self.watched or len(record) <= RECORD_TEXT:
+            return True
+        entry = table[record[RECORD_TEXT]]
+        if entry is None:
+            return False
+        needle, pattern = entry
+        if needle and record.find(needle, RECORD_TEXT) < 0:
+            return False
+        return pattern.match(record, RECORD_TEXT) is not None
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""
@@ -338,6 +370,8 @@ class BufferRegistry:
     def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
+        for observer in self.every_line:
+            observer(instance, lines)
         for observer in self.observers:
             observer(instance, lines)
 

@@ -14,11 +14,18 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
-from tempesta_ts.credentials import API_KEY_ENV, STATUS_TOKEN_ENV, api_key_exposures, secret_from
+from tempesta_ts.credentials import (
+    API_KEY_ENV,
+    CLICKHOUSE_PASSWORD_ENV,
+    STATUS_TOKEN_ENV,
+    api_key_exposures,
+    secret_from,
+)
 from tempesta_ts.errors import ConfigError
 from tempesta_ts.incidents import KINDS as INCIDENT_KINDS
 
-__all__ = ["API_KEY_ENV", "STATUS_TOKEN_ENV", "ConfigError", "api_key_exposures"]
+__all__ = ["API_KEY_ENV", "CLICKHOUSE_PASSWORD_ENV", "STATUS_TOKEN_ENV", "ConfigError",
+           "api_key_exposures"]
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 MiB = 1024 * 1024
@@ -238,6 +245,29 @@ def _incident_patterns_text(text: str) -> tuple:
     return INCIDENT_PATTERNS.parse_json(value)
 
 
+def _clickhouse_url(value: Any) -> str | None:
+    expected = "an http:// or https:// URL such as http://clickhouse.example:8123 (empty: off)"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    value = value.strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"(https?)://([^/?#@\s]+)/?", value)
+    if match is None:
+        # A user or password in the URL would be shown wherever the URL is.
+        if "@" in value:
+            raise ValueError(expected + ", without a user or password (clickhouse_user, "
+                             "clickhouse_password_file)")
+        raise ValueError(expected)
+    return value.rstrip("/")
+
+
+def _identifier(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        raise ValueError("a database name of letters, digits and _ such as tempesta_ts")
+    return value
+
+
 PORT = _integer(0, 65535, " (0 picks a free port)")
 OFF_OR_PORT = _integer(0, 65535, " (0 turns it off)")
 SUPPORT_PORT = _integer(1, 65535)
@@ -252,6 +282,11 @@ INCIDENT_PATTERNS = replace(INCIDENT_PATTERNS, parse_text=_incident_patterns_tex
 REDACTIONS = _list_of(_redaction, 'a list of {"regex": R, "replacement": S} objects')
 REDACTIONS = replace(REDACTIONS, parse_text=_json_list_text(
     REDACTIONS, '[{"regex": "token=\\\\S+", "replacement": "token=X"}]'))
+CLICKHOUSE_URL = Kind(
+    "an http:// or https:// URL such as http://clickhouse.example:8123 (empty: off)",
+    _clickhouse_url, _clickhouse_url,
+)
+IDENTIFIER = Kind("a database name of letters, digits and _", _identifier, _identifier)
 
 
 def _setting(default: Any, kind: Kind, help: str, *, secret: bool = False) -> Any:
@@ -381,6 +416,29 @@ class Config:
     report_exclude_patterns: tuple = _setting(
         (), PATTERNS, "Regexes of log lines never sent in a report, comma-separated."
     )
+    clickhouse_url: str | None = _setting(
+        None, CLICKHOUSE_URL,
+        "ClickHouse HTTP interface to send every log line and incident to (none: off).",
+    )
+    clickhouse_database: str = _setting(
+        "tempesta_ts", IDENTIFIER, "ClickHouse database; it and its tables are made if missing."
+    )
+    clickhouse_user: str | None = _setting(None, TEXT, "ClickHouse user (none: ClickHouse's default).")
+    clickhouse_password: str | None = _setting(
+        None,
+        TEXT,
+        "ClickHouse password (better: clickhouse_password_file or "
+        f"${CLICKHOUSE_PASSWORD_ENV}).",
+        secret=True,
+    )
+    clickhouse_password_file: str | None = _setting(
+        None, PATH, "File holding only the ClickHouse password."
+    )
+    clickhouse_queue_max_bytes: int = _setting(
+        64 * MiB,
+        _integer(MiB),
+        "Rows waiting for ClickHouse (while it is away); past it the oldest are dropped.",
+    )
 
     @property
     def standalone(self) -> bool:
@@ -503,6 +561,10 @@ def build(
         token = secret_from("status_token_file", config.status_token_file, STATUS_TOKEN_ENV,
                             environ, "the token")
         config = replace(config, status_token=token)
+    if config.clickhouse_password is None:
+        password = secret_from("clickhouse_password_file", config.clickhouse_password_file,
+                               CLICKHOUSE_PASSWORD_ENV, environ, "the password")
+        config = replace(config, clickhouse_password=password)
     _check(config)
     return config
 

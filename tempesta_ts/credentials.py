@@ -11,6 +11,7 @@ from tempesta_ts.errors import ConfigError
 
 API_KEY_ENV = "TEMPESTA_TS_SUPPORT_API_KEY"
 STATUS_TOKEN_ENV = "TEMPESTA_TS_STATUS_TOKEN"
+CLICKHOUSE_PASSWORD_ENV = "TEMPESTA_TS_CLICKHOUSE_PASSWORD"
 
 
 def secret_from(key: str, path: str | None, env: str, environ: Mapping[str, str],
@@ -32,35 +33,45 @@ def secret_from(key: str, path: str | None, env: str, environ: Mapping[str, str]
     return secret
 
 
+#: Secret settings warned of: (key, its file's key, what it is, its environment variable).
+SECRETS = (
+    ("support_api_key", "support_api_key_file", "The API key", API_KEY_ENV),
+    ("clickhouse_password", "clickhouse_password_file", "The ClickHouse password",
+     CLICKHOUSE_PASSWORD_ENV),
+)
+
+
 def api_key_exposures(
     config_path: str | None, file_values: Mapping[str, Any], flag_values: Mapping[str, Any],
     config: Any,
 ) -> list[str]:
-    """Warnings for an API key that other local users can read; the key itself is never named."""
-    better = (
-        f"support_api_key_file (mode 600), ${API_KEY_ENV} or systemd's LoadCredential "
-        "(see contrib/tempesta-ts.service)"
-    )
+    """Warnings for an API key (or the ClickHouse password) that other local users can read;
+    the secret itself is never named."""
     warnings = []
-    if "support_api_key" in flag_values:
-        warnings.append(
-            "The API key is given with --support-api-key, where any local user can read it "
-            f"(ps, /proc); give it in {better}"
+    for key, file_key, what, variable in SECRETS:
+        better = (
+            f"{file_key} (mode 600), ${variable} or systemd's LoadCredential "
+            "(see contrib/tempesta-ts.service)"
         )
-    mode = _world_readable(config_path) if "support_api_key" in file_values else None
-    if mode is not None:
-        warnings.append(
-            f"Config file {config_path!r} holds support_api_key and any local user can read it "
-            f"(mode {mode:04o}); chmod 600 it, or move the key to {better}"
-        )
-    mode = _world_readable(config.support_api_key_file)
-    if mode is not None:
-        warnings.append(
-            f"support_api_key_file {config.support_api_key_file!r} can be read by any local "
-            f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
-        )
+        if key in flag_values:
+            warnings.append(
+                f"{what} is given with --{key.replace('_', '-')}, where any local user can read "
+                f"it (ps, /proc); give it in {better}"
+            )
+        mode = _world_readable(config_path) if key in file_values else None
+        if mode is not None:
+            warnings.append(
+                f"Config file {config_path!r} holds {key} and any local user can read it "
+                f"(mode {mode:04o}); chmod 600 it, or move {what[0].lower() + what[1:]} to {better}"
+            )
+        path = getattr(config, file_key)
+        mode = _world_readable(path)
+        if mode is not None:
+            warnings.append(
+                f"{file_key} {path!r} can be read by any local "
+                f"user (mode {mode:04o}); chmod 600 it, or give it with systemd's LoadCredential"
+            )
     return warnings
-
 
 
 def _world_readable(path: str | None) -> int | None:

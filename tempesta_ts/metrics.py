@@ -109,6 +109,14 @@ COUNTERS = (
      "and the write is retried."),
     ("spool_corrupt_files", "spool_corrupt_files",
      "Files of spool_dir/pending/ that were no valid report at start, moved to corrupt/."),
+    ("clickhouse_rows_sent", "clickhouse_rows_sent",
+     "Rows ClickHouse took (kernel_log and incidents)."),
+    ("clickhouse_rows_dropped", "clickhouse_rows_dropped",
+     "Rows never sent to ClickHouse: the oldest, past clickhouse_queue_max_bytes while it was "
+     "away, or left at shutdown."),
+    ("clickhouse_insert_errors", "clickhouse_insert_errors",
+     "Failed requests to ClickHouse (inserts, making the tables); their rows wait and are "
+     "sent again."),
 )
 
 #: stats key -> the ``part`` label of tempesta_ts_errors_total.
@@ -119,6 +127,7 @@ ERRORS = (
     ("timer_errors", "timer"),
     ("tracker_errors", "tracker"),
     ("spool_errors", "spool"),
+    ("clickhouse_errors", "clickhouse"),
 )
 
 #: Every stats key the server is known to count, so that a status shows zeros too.
@@ -263,6 +272,11 @@ class ServerCollector(Collector):
         yield from self._instances(snapshot)
         yield from self._reports(snapshot)
         yield from self._udp(snapshot)
+        if snapshot.clickhouse_queued_rows is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "clickhouse_queued_rows", "Rows waiting to be sent to ClickHouse.",
+                value=snapshot.clickhouse_queued_rows,
+            )
 
     def _instances(self, snapshot: Snapshot) -> Iterator[Metric]:
         lines = buffered = lost = 0

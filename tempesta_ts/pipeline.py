@@ -57,7 +57,8 @@ class ReportMaker:
         #: report_redactions and report_exclude_patterns: what the sinks get may leave the site.
         self.redactor = redactor
 
-    def __call__(self, instance: Instance, incidents: Sequence[Incident], suppressed: int) -> dict:
+    def __call__(self, instance: Instance, incidents: Sequence[Incident], suppressed: int,
+                 trigger: LogLine | None = None) -> dict:
         shown = instance.system_info
         if self.store is not None:
             shown = self.newest_system_info(instance)
@@ -73,6 +74,7 @@ class ReportMaker:
                 version=self.version,
                 now=self.clock.seconds(),
                 wall_offset=self.wall_offset(),
+                trigger=trigger,
             )
         finally:
             instance.system_info = held
@@ -161,6 +163,7 @@ def build_pipeline(
     *,
     make_report: ReportMaker | None = None,
     line_observers: Sequence[LinesObserver] = (),
+    every_line: Sequence[LinesObserver] = (),
     evicted: Sequence[Callable[[Instance], None]] = (),
 ) -> Pipeline:
     """Registry, tracker and report maker as `config` says, reports handed to `sinks`.
@@ -191,6 +194,7 @@ def build_pipeline(
         line_filter=None if line_observers else tracker.rules.line_filter,
         evicted=[*evicted, tracker.forget],
         watched=tracker.watched,
+        every_line=every_line,
     )
     return Pipeline(registry, tracker, make_report)
 

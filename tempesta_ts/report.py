@@ -7,6 +7,7 @@ Pure code: everything it needs is passed in.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -42,6 +43,17 @@ def iso(ts: float | None) -> str | None:
 def new_report_id() -> str:
     """A unique report id, stable across retries of that report (uuid4 hex)."""
     return uuid.uuid4().hex
+
+
+def report_id_for(address: str, trigger: LogLine) -> str:
+    """The id of the report an incident line starts: the same on every collector that received
+    the line (docs/support-api.md, "Report ids"), random when the line has neither a kernel time
+    nor a sequence number to tell it from the same text logged again."""
+    if trigger.kernel_time_us is None and trigger.seq is None:
+        return new_report_id()
+    numbers = ("" if n is None else str(n) for n in (trigger.kernel_time_us, trigger.seq))
+    material = "\n".join((address, *numbers, trigger.text))
+    return hashlib.sha256(material.encode("utf-8", "backslashreplace")).hexdigest()[:32]
 
 
 def _key(line: LogLine) -> tuple:
@@ -111,19 +123,26 @@ def build_report(
     now: float,
     report_id: str | None = None,
     wall_offset: float = 0.0,
+    trigger: LogLine | None = None,
 ) -> dict[str, Any]:
     """The report body for an instance: its whole buffer now, what was detected, its system info.
 
-    ``wall_offset`` turns the times of the server's (monotonic) clock into wall time."""
+    ``wall_offset`` turns the times of the server's (monotonic) clock into wall time. The id,
+    unless given, comes from the line that opened the report (`trigger`, by default the first
+    incident's): `report_id_for`."""
     def at(ts: float | None) -> str | None:
         return iso(None if ts is None else ts + wall_offset)
 
     info = instance.system_info
     lines = list(instance.buffer)
     incidents = describe_incidents(incidents, lines)
+    if report_id is None:
+        if trigger is None and incidents:
+            trigger = incidents[0].line
+        report_id = new_report_id() if trigger is None else report_id_for(instance.address, trigger)
     return {
         "version": VERSION,
-        "report_id": report_id or new_report_id(),
+        "report_id": report_id,
         "client_id": client_id,
         "created_at": at(now),
         "collector": {"hostname": hostname, "version": version},

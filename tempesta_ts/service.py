@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from tempesta_ts.access import SourceFilter
 from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.clickhouse import ClickHouse
 from tempesta_ts.config import Config
 from tempesta_ts.degraded import Degradations
 from tempesta_ts.detail import DetailSource
@@ -236,9 +237,15 @@ class TroubleshootingService(service.MultiService):
         )
         # The reports made lately, for the operators' pages (/reports).
         self.recent = RecentReports(reactor)
+        # ClickHouse (clickhouse_url): every line, whatever line_filter hides from the tracker,
+        # and the incidents of every report made.
+        self.clickhouse = ClickHouse.of(config, reactor, self.stats, make_report.hostname)
+        extra_sinks = [] if self.clickhouse is None else [self.clickhouse]
         pipeline = build_pipeline(
-            config, reactor, self.stats, [self.sink, self.recent], make_report=make_report,
+            config, reactor, self.stats, [self.sink, self.recent, *extra_sinks],
+            make_report=make_report,
             line_observers=[log_lines] if config.log_level == "debug" else [],
+            every_line=[] if self.clickhouse is None else [self.clickhouse.lines_added],
             evicted=[EvictionNotices(reactor, config.max_instances)],
         )
         self.pipeline = pipeline
@@ -256,6 +263,8 @@ class TroubleshootingService(service.MultiService):
         if self.sent is not None:
             self.sent.setServiceParent(self)
         self.sink.setServiceParent(self)
+        if self.clickhouse is not None:
+            self.clickhouse.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
         self.listeners = ListenerService(
@@ -266,7 +275,7 @@ class TroubleshootingService(service.MultiService):
         self.status = StatusSource(
             config, reactor, service=self, listeners=self.listeners, udp=self.udp, tcp=self.tcp,
             registry=self.registry, tracker=self.tracker, sink=self.sink, spool=self.spool,
-            reporter=self.reporter, degradations=self.degradations,
+            reporter=self.reporter, degradations=self.degradations, clickhouse=self.clickhouse,
         )
         #: Other parts that take reloaded settings live: each has ``reconfigure(config)`` and
         #: adds its keys to reload.RELOADABLE (the archive, ClickHouse, redactions).
@@ -316,13 +325,15 @@ class TroubleshootingService(service.MultiService):
         if not self.running:
             return
         service.Service.stopService(self)
-        ordered = (self.listeners, self.registry_service, self.sink, self.web)
+        ordered = (self.listeners, self.registry_service, self.sink, self.clickhouse, self.web)
         for other in [c for c in self if c not in ordered]:
             yield maybeDeferred(other.stopService)
         yield self.listeners.stopService()
         yield self.registry_service.stopService()
         yield self.tracker.close_all()
         yield self.sink.stopService()
+        if self.clickhouse is not None:
+            yield self.clickhouse.stopService()
         if self.web is not None:
             yield self.web.stopService()
 

@@ -154,6 +154,8 @@ class Snapshot:
     counters: Mapping[str, int]
     #: What works less well than it should: {"what", "why", "since"} each (degraded.py).
     degraded: tuple[Mapping[str, Any], ...] = ()
+    #: Rows waiting for ClickHouse; None when it is off.
+    clickhouse_queued_rows: int | None = None
 
 
 def support_url(config) -> str | None:
@@ -192,7 +194,7 @@ class StatusSource:
     """Reads the server's parts into a `Snapshot`; calling it makes one."""
 
     def __init__(self, config, clock, *, service, listeners, udp, tcp, registry, tracker,
-                 sink, spool, reporter=None, degradations=None) -> None:
+                 sink, spool, reporter=None, degradations=None, clickhouse=None) -> None:
         self.clock = clock
         self.service = service
         self.listeners = listeners
@@ -205,6 +207,7 @@ class StatusSource:
         #: The Reporter with a Support Server; None stand-alone (nothing is in flight).
         self.reporter = reporter
         self.degradations = degradations
+        self.clickhouse = clickhouse
         self.mode = Mode(
             standalone=config.standalone,
             spool_dir=config.spool_dir,
@@ -248,6 +251,7 @@ class StatusSource:
             documents=Documents(tcp.connections, tcp.memory_bytes, tcp.memory_max_bytes),
             counters=counters(registry.counters()),
             degraded=degraded,
+            clickhouse_queued_rows=None if self.clickhouse is None else self.clickhouse.queued_rows,
         )
 
     def _delivery(self) -> Delivery:

@@ -77,7 +77,7 @@ class IncidentTracker:
         clock,
         settle_seconds: float,
         cooldown_seconds: float,
-        make_report: Callable[[Instance, Sequence[Incident], int], dict[str, Any]],
+        make_report: Callable[[Instance, Sequence[Incident], int, LogLine], dict[str, Any]],
         submit: Callable[[dict[str, Any]], Deferred],
         stats: Counter,
     ) -> None:
@@ -234,7 +234,9 @@ class IncidentTracker:
             )
             return
         suppressed = self._suppressed.pop(address, 0) + window.folded + repeats
-        report = self.make_report(instance, kept, suppressed)
+        # The window's first incident line names the report (its id), even when the cooldown
+        # folded it: a collector that restarted since, and so did not fold it, names it alike.
+        report = self.make_report(instance, kept, suppressed, window.incidents[0].line)
         self._show(address, incidents, report["report_id"], kept)
         reported = self._reported.setdefault(address, {})
         for incident in kept:

@@ -36,6 +36,19 @@ class ExposureTests(unittest.TestCase):
             self.assertNotIn(KEY, warning)
         return options.warnings
 
+    def test_clickhouse_password_on_the_command_line_or_readable_by_all(self):
+        (warning,) = self.warnings("--clickhouse-password", KEY)
+        self.assertIn("The ClickHouse password is given with --clickhouse-password, where any local "
+                      "user can read it", warning)
+        path = self.write({"clickhouse_password": KEY}, 0o644)
+        (warning,) = self.warnings("--config", path)
+        self.assertIn(f"Config file {path!r} holds clickhouse_password and any local user can read it "
+                      "(mode 0644); chmod 600 it, or move the ClickHouse password to "
+                      "clickhouse_password_file (mode 600)", warning)
+        path = self.write(KEY, 0o604)
+        (warning,) = self.warnings("--clickhouse-password-file", path)
+        self.assertIn(f"clickhouse_password_file {path!r} can be read by any local user", warning)
+
     def test_world_readable_config_file_holding_the_key(self):
         path = self.write({"support_api_key": KEY}, 0o644)
         [warning] = self.warnings("--config", path)

@@ -118,6 +118,34 @@ class ConfigFileTests(unittest.TestCase):
         c = config.build(base, {}, {config.API_KEY_ENV: "key-from-env"})
         self.assertEqual(c.support_api_key, "key-from-env")
 
+    def test_clickhouse_is_off_by_default_and_when_the_url_is_empty(self):
+        self.assertIsNone(config.build({}, {}, {}).clickhouse_url)
+        self.assertIsNone(config.build(config.load_file(self.write({"clickhouse_url": ""})), {}, {}).clickhouse_url)
+        c = config.build(config.load_file(self.write({"clickhouse_url": "http://ch.example:8123/"})), {}, {})
+        self.assertEqual((c.clickhouse_url, c.clickhouse_database), ("http://ch.example:8123", "tempesta_ts"))
+
+    def test_clickhouse_url_with_a_password_or_a_path_is_refused(self):
+        message = self.error({"clickhouse_url": "http://u:pw-in-url@ch.example:8123"})
+        self.assertIn("without a user or password (clickhouse_user, clickhouse_password_file)", message)
+        self.assertIn("expected an http:// or https:// URL", self.error({"clickhouse_url": "ch.example:8123"}))
+        self.assertIn("expected an http:// or https:// URL", self.error({"clickhouse_url": "http://ch/x?y"}))
+
+    def test_clickhouse_database_is_a_plain_name(self):
+        message = self.error({"clickhouse_database": "logs; DROP TABLE x"})
+        self.assertIn("a database name of letters, digits and _", message)
+
+    def test_clickhouse_password_from_file_and_environment_never_shown(self):
+        password_file = self.write("pw-from-file\n")
+        c = config.build({}, {"clickhouse_password_file": password_file}, {})
+        self.assertEqual(c.clickhouse_password, "pw-from-file")
+        c = config.build({}, {}, {config.CLICKHOUSE_PASSWORD_ENV: "pw-from-env"})
+        self.assertEqual(c.clickhouse_password, "pw-from-env")
+        self.assertNotIn("pw-from-env", json.dumps(c.describe()))
+        message = self.error({"clickhouse_password": 12345678})
+        self.assertNotIn("12345678", message)
+        message = self.error({"clickhouse_password_file": "/nonexistent/pw"})
+        self.assertIn("clickhouse_password_file: cannot read '/nonexistent/pw'", message)
+
     def test_null_keeps_the_default(self):
         c = config.build(config.load_file(self.write({"port": None})), {}, {})
         self.assertEqual(c.port, 5555)

@@ -22,7 +22,7 @@ ALERTS = os.path.join(ROOT, "contrib", "prometheus", "alerts.yml")
 GRAFANA = os.path.join(ROOT, "contrib", "grafana")
 #: Metrics named in contrib/ that this server does not export itself: Prometheus' own `up`,
 #: and the ClickHouse sink's drop counter (exported once ClickHouse is configured).
-ELSEWHERE = {"up", "tempesta_ts_clickhouse_rows_dropped_total"}
+ELSEWHERE = {"up"}
 METRIC = re.compile(r"\b(?:tempesta_ts_[a-z0-9_]+|process_[a-z0-9_]+|up)\b(?!\s*\()")
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from twisted.trial import unittest
 
 from tempesta_ts.buffers import BufferRegistry, SystemInfo
-from tempesta_ts.report import Incident, build_report, iso
+from tempesta_ts.netconsole import LogLine
+from tempesta_ts.report import Incident, build_report, iso, report_id_for
 
 NOW = 1795408205.123456
 
@@ -85,3 +87,62 @@ class ReportTests(unittest.TestCase):
                                        "kernel_time_us": 1_000_000})
         self.assertEqual(len(r["report_id"]), 32)
         self.assertIsNone(r["instance"]["kernel_release"])
+
+
+class ReportIdTests(unittest.TestCase):
+    """Collectors that received the same lines name the same incident's report alike."""
+
+    GRAMS = [
+        b"6,1,1000,-;eth0: link up\n",
+        b"4,2,2000,-;WARNING: CPU: 1 PID: 42 at net/core/dev.c:123 dev_queue_xmit+0x1/0x2\n",
+        b"4,3,2001,-;Call Trace:\n",
+    ]
+
+    def build(self, grams, received_at, address="192.0.2.10", hostname="ts-1"):
+        registry = BufferRegistry(10, 100, 100_000)
+        for n, gram in enumerate(grams):
+            registry.receive_datagram(address, gram, received_at + n * 0.001)
+        instance = registry.get(address)
+        trigger = list(instance.buffer)[1]
+        return build_report(instance=instance, incidents=[Incident("warning", trigger, "warning", "s")],
+                            suppressed=0, client_id="c", hostname=hostname, version="1", now=received_at + 5)
+
+    def test_two_collectors_fed_the_same_lines_give_one_id(self):
+        # Received 3 ms apart by two hosts, reported at other times: the same id.
+        first = self.build(self.GRAMS, NOW, hostname="ts-1")
+        second = self.build(self.GRAMS, NOW + 0.003, hostname="ts-2")
+        self.assertEqual(first["report_id"], second["report_id"])
+        self.assertRegex(first["report_id"], r"\A[0-9a-f]{32}\Z")
+
+    def test_id_is_the_documented_sha256(self):
+        line = LogLine(NOW, "WARNING: x", 4, 2, 2000)
+        expected = hashlib.sha256(b"192.0.2.10\n2000\n2\nWARNING: x").hexdigest()[:32]
+        self.assertEqual(report_id_for("192.0.2.10", line), expected)
+        plain = LogLine(NOW, "WARNING: x", None, None, 2000)
+        expected = hashlib.sha256(b"192.0.2.10\n2000\n\nWARNING: x").hexdigest()[:32]
+        self.assertEqual(report_id_for("192.0.2.10", plain), expected)
+
+    def test_another_instance_time_number_or_text_is_another_id(self):
+        line = LogLine(NOW, "WARNING: x", 4, 2, 2000)
+        ids = {
+            report_id_for("192.0.2.10", line),
+            report_id_for("192.0.2.11", line),
+            report_id_for("192.0.2.10", line._replace(kernel_time_us=2001)),
+            report_id_for("192.0.2.10", line._replace(seq=3)),
+            report_id_for("192.0.2.10", line._replace(text="WARNING: y")),
+        }
+        self.assertEqual(len(ids), 5)
+
+    def test_line_without_kernel_time_or_number_gets_a_random_id(self):
+        grams = [b"eth0: link up\n", b"WARNING: CPU: 1 PID: 42 at net/core/dev.c:123 x+0x1/0x2\n"]
+        first, second = self.build(grams, NOW), self.build(grams, NOW)
+        self.assertNotEqual(first["report_id"], second["report_id"])
+        self.assertRegex(first["report_id"], r"\A[0-9a-f]{32}\Z")
+
+    def test_given_id_is_kept(self):
+        registry = BufferRegistry(10, 100, 100_000)
+        registry.receive_datagram("a", self.GRAMS[1], NOW)
+        instance = registry.get("a")
+        r = build_report(instance=instance, incidents=[Incident("warning", list(instance.buffer)[0], "w", "s")],
+                         suppressed=0, client_id="c", hostname="h", version="1", now=NOW, report_id="x1")
+        self.assertEqual(r["report_id"], "x1")

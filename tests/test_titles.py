@@ -359,9 +359,9 @@ class ReportTitleTests(unittest.TestCase):
         self.registry = build_pipeline(config, self.clock, self.stats, [self],
                                        make_report=self.make_report).registry
 
-    def make_report(self, instance, incidents, suppressed):
+    def make_report(self, instance, incidents, suppressed, trigger=None):
         return build_report(instance=instance, incidents=incidents, suppressed=suppressed, client_id="c",
-                            hostname="ts", version="0", now=self.clock.seconds())
+                            hostname="ts", version="0", now=self.clock.seconds(), trigger=trigger)
 
     def submit(self, report):
         self.reports.append(report)

@@ -42,7 +42,7 @@ class TrackerTests(unittest.TestCase):
                                   make_report=self.make_report)
         self.registry, self.tracker = pipeline.registry, pipeline.tracker
 
-    def make_report(self, instance, incidents, suppressed):
+    def make_report(self, instance, incidents, suppressed, trigger=None):
         return build_report(
             instance=instance,
             incidents=incidents,
@@ -51,6 +51,7 @@ class TrackerTests(unittest.TestCase):
             hostname="ts",
             version="0",
             now=self.clock.seconds(),
+            trigger=trigger,
         )
 
     def submit(self, report):
@@ -138,11 +139,11 @@ class TrackerTests(unittest.TestCase):
         made = self.make_report
         calls = []
 
-        def flaky(instance, incidents, suppressed):
+        def flaky(instance, incidents, suppressed, trigger):
             calls.append(instance.address)
             if len(calls) == 1:
                 raise RuntimeError("boom")
-            return made(instance, incidents, suppressed)
+            return made(instance, incidents, suppressed, trigger)
 
         self.tracker.make_report = flaky
         self.successResultOf(self.tracker.close_all())
@@ -254,6 +255,25 @@ class FingerprintFoldingTests(TrackerTests):
         self.clock.advance(5)
         self.assertEqual([i["kind"] for i in self.reports[1]["incidents"]], ["oops"])
         self.assertEqual(self.reports[1]["suppressed_incidents"], 1)
+
+    def test_window_opened_by_a_folded_repeat_is_named_by_that_line(self):
+        # This collector reported the warning and folds its repeat; one that restarted since
+        # does not. Both name the report by the line that opened the window: one id.
+        self.send(WARNING % (1, 42))
+        self.clock.advance(5)
+        repeat = (WARNING % (2, 43)).replace(b"10.000000", b"40.000000")
+        bug = b"[   40.500000] BUG: kernel NULL pointer dereference, address: 0000000000000008\n"
+        self.send(repeat + bug)
+        self.clock.advance(5)
+        first, folding = self.reports
+        self.setUp()
+        self.send(repeat + bug)
+        self.clock.advance(5)
+        (restarted,) = self.reports
+        self.assertEqual([i["kind"] for i in folding["incidents"]], ["oops"])
+        self.assertEqual([i["kind"] for i in restarted["incidents"]], ["warning", "oops"])
+        self.assertEqual(folding["report_id"], restarted["report_id"])
+        self.assertNotEqual(first["report_id"], folding["report_id"])
 
     def test_two_lines_naming_one_bug_in_one_window_are_listed_once(self):
         # Two WARN_ONs of one function (other lines, other signatures): one title, one bug.
