@@ -170,7 +170,8 @@ class LogBuffer:
 class Instance:
     """One Tempesta FW server, known by its source address."""
 
-    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "watched")
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "watched",
+                 "run", "unwritten")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -181,6 +182,11 @@ class Instance:
         self.system_info: SystemInfo | None = None
         #: Set by an observer that must see every line of this instance (an open incident).
         self.watched = False
+        #: With BufferRegistry.keep_unwritten, what came since the archive last took it: runs
+        #: of datagrams as they came, ``[received_at, datagram, ...]``, and tuples of lines
+        #: made otherwise; `run` is the run datagrams of this receive time go to.
+        self.run: list | None = None
+        self.unwritten: list | None = None
 
     @property
     def kernel_release(self) -> str | None:
@@ -219,6 +225,10 @@ class BufferRegistry:
         #: it (`Rules.line_filter`); None: they see every line. Watched instances show all.
         self.line_filter: LineFilter | None = None
         self.evicted: list[Callable[[Instance], None]] = []
+        #: Set by the archive: instances keep what they receive until it takes it
+        #: (`take_unwritten`). The instances that have any:
+        self.keep_unwritten = False
+        self._unwritten: dict[str, Instance] = {}
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -273,6 +283,13 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
+            # For the archive, the datagram as it came: one line whole, in a run of the
+            # datagrams of one receive time (a read's), written as it is.
+            run = instance.run
+            if run is not None and run[0] == now:
+                run.append(data)
+            elif self.keep_unwritten:
+                self._start_run(instance, now, data)
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
@@ -290,6 +307,25 @@ class BufferRegistry:
             line = unpack_record(record)[0]
             for observer in self.observers:
                 observer(instance, (line,))
+
+    def _start_run(self, instance: Instance, now: float, data: bytes) -> None:
+        instance.run = run = [now, data]
+        self._unwritten_of(instance).append(run)
+
+    def _unwritten_of(self, instance: Instance) -> list:
+        if instance.unwritten is None:
+            instance.unwritten = []
+            self._unwritten[instance.address] = instance
+        return instance.unwritten
+
+    def take_unwritten(self) -> list[tuple[Instance, list]]:
+        """For the archive: each instance's unwritten runs and lines, now taken."""
+        taken = []
+        for instance in self._unwritten.values():
+            taken.append((instance, instance.unwritten))
+            instance.unwritten = instance.run = None
+        self._unwritten = {}
+        return taken
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""
@@ -329,6 +365,9 @@ class BufferRegistry:
     def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
+        if self.keep_unwritten:
+            instance.run = None
+            self._unwritten_of(instance).append(tuple(lines))
         for observer in self.observers:
             observer(instance, lines)
 
@@ -341,6 +380,8 @@ class BufferRegistry:
             if lines:
                 self._append(instance, lines)
         self.stats["instances_evicted"] += 1
+        # Its unwritten lines stay on it for the callbacks (the archive) to take.
+        self._unwritten.pop(instance.address, None)
         self.stats["lines_pushed_out"] += instance.buffer.hidden_lines
         for callback in self.evicted:
             callback(instance)
