@@ -106,6 +106,17 @@ def _text(expected: str = "a non-empty string", check: Callable[[str], str] | No
     return Kind(expected, from_json, from_json)
 
 
+def _path_or_off() -> Kind:
+    expected = 'a path, or "" to turn it off'
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        return value.strip() and value
+
+    return Kind(expected, check, check)
+
+
 def _choice(choices: tuple[str, ...]) -> Kind:
     expected = "one of " + ", ".join(choices)
 
@@ -183,6 +194,7 @@ SUPPORT_PORT = _integer(1, 65535)
 BOOL = _boolean()
 TEXT = _text()
 PATH = _text("a path")
+PATH_OR_OFF = _path_or_off()
 HOST_ADDRESS = _text("an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::", _ip_address)
 CIDRS = _list_of(_cidr, 'a list of CIDRs such as ["10.0.0.0/8", "2001:db8::/32"]')
 PATTERNS = _list_of(_regex, "a list of regular expressions (strings)")
@@ -278,6 +290,23 @@ class Config:
     )
     spool_max_bytes: int = _setting(
         256 * MiB, _integer(MiB), "Bound on the spool; the oldest reports are dropped past it."
+    )
+    archive_dir: str | None = _setting(
+        None,
+        PATH_OR_OFF,
+        "Keep every log line on disk here, a file per instance, and rebuild the buffers from it "
+        'at start (default: spool_dir/archive; "" turns it off).',
+    )
+    archive_max_bytes: int = _setting(
+        64 * MiB, _integer(64 * 1024), "Size of an instance's archive file before it is rotated."
+    )
+    archive_keep: int = _setting(
+        5, _integer(0, 1000), "Rotated (gzip-compressed) archive files kept per instance."
+    )
+    archive_total_max_bytes: int = _setting(
+        4096 * MiB,
+        _integer(MiB),
+        "Bound on the whole archive; past it the oldest rotated files go first.",
     )
     settle_seconds: float = _setting(
         5.0, _number(0, 3600), "Quiet time after an incident line before its report is sent."

@@ -86,6 +86,20 @@ COUNTERS = (
     ("reports_dropped", "reports_dropped",
      "Reports dropped from the spool by spool_max_bytes, or alone larger than it."),
     ("reports_lost", "reports_lost", "Reports that could not be written to disk at all."),
+    ("archive_lines", "archive_lines", "Log lines written to the archive (archive_dir)."),
+    ("archive_lines_dropped", "archive_lines_dropped",
+     "Log lines that never reached the archive: its disk failed (full), or their buffer let "
+     "go of them first."),
+    ("archive_write_errors", "archive_write_errors",
+     "Writes, rotations, compressions and removals in the archive that failed."),
+    ("archive_read_errors", "archive_read_errors",
+     "Archive files that could not be read back at start."),
+    ("archive_lines_restored", "archive_lines_restored",
+     "Log lines put back into the buffers from the archive at start."),
+    ("archive_rotations", "archive_rotations", "Archive files rotated by archive_max_bytes."),
+    ("archive_files_removed", "archive_files_removed",
+     "Archive files removed by archive_keep, archive_total_max_bytes or the bound on the "
+     "instances it keeps files of."),
 )
 
 #: stats key -> the ``part`` label of tempesta_ts_errors_total.
