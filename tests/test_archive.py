@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
@@ -17,6 +17,7 @@ from tempesta_ts.config import Config, parse_flag
 from tempesta_ts.errors import StartupError
 from tempesta_ts.metrics import KNOWN_STATS
 from tempesta_ts.service import TroubleshootingService
+from tests.processes import run
 
 T = 1_795_000_000.0
 
@@ -204,6 +205,52 @@ class FullDiskTests(ArchiveTestCase):
         os.chmod(self.directory, 0o770)
         with self.assertRaises(StartupError):
             self.start()
+
+
+class RealFullDiskTests(ArchiveTestCase):
+    """A real filesystem that fills up: a 64 KiB tmpfs."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("mounting a small tmpfs needs root")
+        mountpoint = os.path.abspath(self.mktemp())
+        os.makedirs(mountpoint)
+        _, err, code = yield run("/bin/mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
+                                 mountpoint)
+        if code != 0:
+            raise unittest.SkipTest(f"cannot mount a tmpfs here: {err.decode(errors='replace')}")
+        self.addCleanup(run, "/bin/umount", mountpoint)
+        self.directory = os.path.join(mountpoint, "archive")
+        # Room taken by something else, freed later by the operator.
+        self.filler = os.path.join(mountpoint, "filler")
+        with open(self.filler, "wb") as f:
+            f.write(b"x" * 32 * 1024)
+
+    def test_a_full_filesystem_drops_archive_lines_not_ingest_and_recovers_when_freed(self):
+        archive = self.start(max_bytes=10**6)
+        sent = 0
+        for second in range(4):
+            self.send("10.0.0.1", *[extended(sent + n, "x" * 40) for n in range(1, 301)])
+            sent += 300
+            self.clock.advance(1.0)
+        self.assertEqual(self.stats["lines"], 1200)
+        self.assertGreater(self.stats["archive_lines_dropped"], 0)
+        self.assertGreater(self.stats["archive_write_errors"], 0)
+        self.assertEqual(self.stats["archive_lines"] + self.stats["archive_lines_dropped"], 1200)
+        self.assertIn("No space left on device", archive.degraded)
+        self.assertEqual(len(self.logged(LogLevel.error)), 1)
+        # Whole lines only, each read back.
+        lines = self.archived()
+        self.assertEqual(len(lines), self.stats["archive_lines"])
+        self.assertTrue(all(line.endswith("x" * 40) for line in lines))
+
+        os.remove(self.filler)
+        self.send("10.0.0.1", extended(sent + 1, "after the operator freed room"))
+        self.clock.advance(1.0)
+        self.assertIsNone(archive.degraded)
+        self.assertTrue(self.archived()[-1].endswith("after the operator freed room"))
 
 
 class RestoreTests(ArchiveTestCase):
