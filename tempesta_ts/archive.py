@@ -30,8 +30,11 @@ from tempesta_ts.throttle import Throttle
 
 #: How far the archive may be behind the buffers.
 FLUSH_SECONDS = 1.0
-#: Lines written a step of a flush, at most.
-STEP_LINES = 2000
+#: Work a step of a flush, in lines written as they came (a few ms); a line the server
+#: formats itself counts FORMAT_COST, a write WRITE_COST.
+STEP_LINES = 4000
+FORMAT_COST = 10
+WRITE_COST = 20
 #: How long the archive's work may hold the reactor before it lets others run.
 SLICE_SECONDS = 0.005
 #: Lines taken from the instances and not written yet, all together; past it the oldest go
@@ -237,22 +240,36 @@ class Archive(service.Service):
             self._dropped_since_problem = 0
 
     def _steps(self) -> Iterator[None]:
-        """Write what is queued, about STEP_LINES a step, then keep the archive in its bounds."""
+        """Write what was queued when the flush began, a step of about STEP_LINES at a time;
+        then keep the archive within its bounds. (What comes meanwhile waits for the next
+        flush: under a flood the bounds are still kept each second.)"""
         queue = self._queue
-        done = 0
-        while queue:
+        budget = STEP_LINES
+        for _ in range(len(queue)):
+            if not queue:
+                break
             address, entries = queue.popleft()
-            count = _lines(entries)
-            self._queued -= count
-            data = b"".join(
-                format_run(entry) if type(entry) is list else b"".join(map(format_line, entry))
-                for entry in entries
-            )
-            self._write(address, data, count)
-            # A write costs about as much as a few lines.
-            done += count + 8
-            if done >= STEP_LINES:
-                done = 0
+            self._queued -= _lines(entries)
+            pieces: list[bytes] = []
+            count = 0
+            for entry in entries:
+                if type(entry) is list:
+                    pieces.append(format_run(entry))
+                    count += len(entry) - 1
+                    budget -= len(entry) - 1
+                else:
+                    pieces.extend(map(format_line, entry))
+                    count += len(entry)
+                    budget -= len(entry) * FORMAT_COST
+                if budget <= 0:
+                    self._write(address, b"".join(pieces), count)
+                    pieces, count, budget = [], 0, STEP_LINES
+                    yield
+            if pieces:
+                self._write(address, b"".join(pieces), count)
+            budget -= WRITE_COST
+            if budget <= 0:
+                budget = STEP_LINES
                 yield
         self.files.enforce()
         self._check_files()

@@ -118,6 +118,18 @@ class WritingTests(ArchiveTestCase):
         self.assertEqual(self.stats["archive_lines"], 1000)
         self.assertEqual(turns[:10], [100 * n for n in range(1, 11)])
 
+    def test_one_flooding_instance_is_written_in_steps_too(self):
+        self.patch(archive_module, "STEP_LINES", 100)
+        turns = []
+        self.patch(archive_module, "_Slice", lambda: lambda: turns.append(self.stats["archive_lines"]) or True)
+        self.start(max_bytes=10**6)
+        for n in range(10):
+            self.clock.advance(0.01)
+            self.send("10.0.0.1", *[extended(n * 100 + seq) for seq in range(1, 101)])
+        self.clock.advance(1.0)
+        self.assertEqual(turns[:10], [100 * n for n in range(1, 11)])
+        self.assertEqual([int(line.split(",")[1]) for line in self.archived()], list(range(1, 1001)))
+
     def test_an_evicted_instance_has_its_last_lines_written(self):
         self.start(max_instances=2)
         self.send("10.0.0.1", extended(1, "before eviction"))
