@@ -21,7 +21,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from tempesta_ts.archive_files import ArchiveFiles
-from tempesta_ts.archive_format import address_of, file_name, format_line, format_run
+from tempesta_ts.archive_format import Stamps, address_of, file_name, format_entries
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.errors import StartupError
 from tempesta_ts.log import get_logger
@@ -31,10 +31,10 @@ from tempesta_ts.throttle import Throttle
 #: How far the archive may be behind the buffers.
 FLUSH_SECONDS = 1.0
 #: Work a step of a flush, in lines written as they came (a few ms); a line the server
-#: formats itself counts FORMAT_COST, a write WRITE_COST.
+#: formats itself counts FORMAT_COST, a write WRITE_COST (it may open, or make, a file).
 STEP_LINES = 4000
 FORMAT_COST = 10
-WRITE_COST = 20
+WRITE_COST = 100
 #: How long the archive's work may hold the reactor before it lets others run.
 SLICE_SECONDS = 0.005
 #: Lines taken from the instances and not written yet, all together; past it the oldest go
@@ -96,6 +96,7 @@ class Archive(service.Service):
         self._cooperator: task.Cooperator | None = None
         #: (address, its runs and lines) taken from the instances, oldest first; their lines.
         self._queue: deque[tuple[str, list]] = deque()
+        self._stamps = Stamps()
         self._queued = 0
         self._flushing = None
         self._compressing = None
@@ -250,23 +251,20 @@ class Archive(service.Service):
                 break
             address, entries = queue.popleft()
             self._queued -= _lines(entries)
-            pieces: list[bytes] = []
-            count = 0
-            for entry in entries:
+            start = count = 0
+            for n, entry in enumerate(entries, 1):
                 if type(entry) is list:
-                    pieces.append(format_run(entry))
                     count += len(entry) - 1
                     budget -= len(entry) - 1
                 else:
-                    pieces.extend(map(format_line, entry))
                     count += len(entry)
                     budget -= len(entry) * FORMAT_COST
+                if budget <= 0 or n == len(entries):
+                    self._write(address, format_entries(entries[start:n], self._stamps), count)
+                    start, count = n, 0
                 if budget <= 0:
-                    self._write(address, b"".join(pieces), count)
-                    pieces, count, budget = [], 0, STEP_LINES
+                    budget = STEP_LINES
                     yield
-            if pieces:
-                self._write(address, b"".join(pieces), count)
             budget -= WRITE_COST
             if budget <= 0:
                 budget = STEP_LINES

@@ -6,8 +6,8 @@ becomes the generation ``<name>.log.<stamp>`` and a new current file starts; the
 stays plain until the next rotation (so that a restart finds history right after one), then is
 compressed to ``<name>.log.<stamp>.gz``. Past `keep` generations an instance's oldest goes;
 past total_max_bytes, the oldest generations of all instances, then the current files written
-longest ago. No symbolic link is followed, files are 0600, and at most OPEN_FILES descriptors
-are held. Compressing is a generator, one chunk a step, for the caller to spread over time.
+longest ago. No symbolic link is followed, files are 0600, and a bounded number of descriptors
+is held (`descriptor_budget`). Compressing is a generator, one chunk a step, for the caller to spread over time.
 No Twisted.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import zlib
 from collections import OrderedDict, deque
 from typing import Callable, Iterator
@@ -23,8 +24,10 @@ from tempesta_ts.archive_format import SUFFIX, file_name, generation_stamp, pars
 from tempesta_ts.files import check_private_directory, open_regular
 from tempesta_ts.netconsole import LogLine
 
-#: Descriptors of current files held open, the least recently written closed first.
-OPEN_FILES = 32
+#: Descriptors of current files held open at most (the least recently written closed first),
+#: within a quarter of the process's limit: each instance written once a second would
+#: otherwise cost an open and a close a second too.
+OPEN_FILES = 1024
 #: Bytes compressed a step: a few milliseconds of the reactor at level 1.
 COMPRESS_CHUNK = 256 * 1024
 #: gzip -1: five to six times smaller, about 100 MiB/s; -6 would take four times the CPU for a
@@ -53,13 +56,23 @@ class Generation:
 class InstanceFiles:
     """What the archive holds of one instance: its current file and generations, oldest first."""
 
-    __slots__ = ("name", "size", "generations", "written_at")
+    __slots__ = ("name", "size", "generations", "written_at", "checked")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.size = 0
         self.generations: list[Generation] = []
         self.written_at = 0.0
+        #: The current file's end was looked at since this process opened or made it.
+        self.checked = False
+
+
+def descriptor_budget() -> int:
+    """Descriptors the archive may hold: a quarter of RLIMIT_NOFILE, 16 to OPEN_FILES."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_FILES
+    return max(16, min(OPEN_FILES, soft // 4))
 
 
 def write_all(write: Callable[[int, bytes], int], fd: int, data: bytes) -> None:
@@ -81,6 +94,7 @@ class ArchiveFiles:
         stats: dict,
         max_names: int = 100_000,
         write: Callable[[int, bytes], int] = os.write,
+        max_open: int | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -89,6 +103,7 @@ class ArchiveFiles:
         #: Instances with files: a flood of new source addresses must not leave a file for
         #: each for ever; those written longest ago go first.
         self.max_names = max_names
+        self.max_open = descriptor_budget() if max_open is None else max_open
         self.stats = stats
         #: os.write, or a stand-in for tests (a full disk).
         self.write = write
@@ -192,18 +207,19 @@ class ArchiveFiles:
         if fd is not None:
             self._open.move_to_end(files.name)
             return fd
-        while len(self._open) >= OPEN_FILES:
+        while len(self._open) >= self.max_open:
             self._close(next(iter(self._open)))
         fd = open_regular(self.path(files.name), _APPEND)
         try:
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            if not files.checked and size and os.pread(fd, 1, size - 1) != b"\n":
                 # The end of a write cut by a crash: the file keeps whole lines only.
                 size = _last_line_end(fd, size)
                 os.ftruncate(fd, size)
         except OSError:
             os.close(fd)
             raise
+        files.checked = True
         # Someone else may have changed the file since (truncated it, say): its size counts.
         self.total += size - files.size
         files.size = size

@@ -20,6 +20,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from itertools import chain
 
 from tempesta_ts.log import escape
 from tempesta_ts.netconsole import Decoder, LogLine, unpack_record
@@ -43,6 +44,7 @@ _MAX_RELEASE = 128
 # What a datagram may hold and be written as it came: printable ASCII but the backslash, and
 # the newline that ends it.
 _PLAIN_OR_NEWLINE = bytes(range(0x20, 0x7F)).replace(b"\\", b"") + b"\n"
+_PLAIN_OR_NEWLINE_OR_NUL = _PLAIN_OR_NEWLINE + b"\x00"
 
 
 def file_name(address: str) -> str:
@@ -92,23 +94,59 @@ def receive_stamp(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)) + f"{micros:06d}Z"
 
 
-def format_run(run: list) -> bytes:
-    """The archive lines of a run of datagrams of one receive time, ``[received_at, datagram,
-    ...]``, each a whole line (`BufferRegistry.take_unwritten`)."""
-    prefix = receive_stamp(run[0]).encode("ascii") + b" "
-    datagrams = run[1:]
-    out = prefix + prefix.join(datagrams)
-    # One look at the whole run, at the speed of C: nearly always each datagram is printable
-    # ASCII ending in its newline (and in no other), and goes as it came.
-    if (
-        not out.translate(None, _PLAIN_OR_NEWLINE)
-        and out.count(b"\n") == len(datagrams)
-        and out.count(b"\n" + prefix) == len(datagrams) - 1
-        and out.endswith(b"\n")
-    ):
-        return out
+class Stamps:
+    """Receive times as archive line prefixes, remembered: the datagrams of one read share one
+    receive time, spread over many instances."""
+
+    def __init__(self) -> None:
+        self._known: dict[float, bytes] = {}
+
+    def prefix(self, when: float) -> bytes:
+        """``2026-11-23T10:00:05.123456Z `` (with its space)."""
+        known = self._known.get(when)
+        if known is None:
+            if len(self._known) >= 4096:
+                self._known.clear()
+            known = self._known[when] = receive_stamp(when).encode("ascii") + b" "
+        return known
+
+
+def format_entries(entries: list, stamps: Stamps) -> bytes:
+    """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): runs of
+    datagrams of one receive time, ``[received_at, datagram, ...]``, and tuples of lines."""
     pieces = []
-    for datagram in datagrams:
+    groups = []
+    for entry in entries:
+        if type(entry) is list:
+            prefix = stamps.prefix(entry[0])
+            datagrams = entry[1:]
+            groups.append(datagrams)
+            pieces.append(prefix)
+            pieces.append(prefix.join(datagrams))
+        else:
+            pieces.extend(map(format_line, entry))
+    # One look at all the datagrams at once, at the speed of C: nearly always each is
+    # printable ASCII ending in its newline (and in no other), and goes as it came.
+    if not groups:
+        return b"".join(pieces)
+    every = b"\x00".join(chain.from_iterable(groups)) + b"\x00"
+    count = sum(map(len, groups))
+    if (
+        every.translate(None, _PLAIN_OR_NEWLINE_OR_NUL)
+        or every.count(b"\x00") != count
+        or every.count(b"\n\x00") != count
+        or every.count(b"\n") != count
+    ):
+        pieces = [format_run(entry, stamps) if type(entry) is list else b"".join(map(format_line, entry))
+                  for entry in entries]
+    return b"".join(pieces)
+
+
+def format_run(run: list, stamps: Stamps | None = None) -> bytes:
+    """The archive lines of a run of datagrams of one receive time, each checked."""
+    prefix = (stamps or Stamps()).prefix(run[0])
+    pieces = []
+    for datagram in run[1:]:
         if not datagram.translate(None, _PLAIN_OR_NEWLINE) and datagram.find(b"\n") == len(datagram) - 1:
             pieces.append(prefix + datagram)
         else:

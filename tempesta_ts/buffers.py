@@ -310,7 +310,12 @@ class BufferRegistry:
 
     def _start_run(self, instance: Instance, now: float, data: bytes) -> None:
         instance.run = run = [now, data]
-        self._unwritten_of(instance).append(run)
+        unwritten = instance.unwritten
+        if unwritten is None:
+            instance.unwritten = [run]
+            self._unwritten[instance.address] = instance
+        else:
+            unwritten.append(run)
 
     def _unwritten_of(self, instance: Instance) -> list:
         if instance.unwritten is None:
