@@ -11,6 +11,7 @@ docs/operations.md describes the files.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from collections import deque
@@ -56,6 +57,15 @@ def archive_directory(config) -> str | None:
 def _lines(entries: list) -> int:
     # A run holds its receive time, then its datagrams; a tuple holds lines.
     return sum(len(entry) - 1 if type(entry) is list else len(entry) for entry in entries)
+
+
+def _is_address(address: str, name: str) -> bool:
+    """Whether a file's name is that of a source address (not a file put there by hand)."""
+    try:
+        ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    return file_name(address) == name
 
 
 class _Slice:
@@ -129,6 +139,11 @@ class Archive(service.Service):
         if self._problem is None:
             return None
         return f"archive: {self._problem}; {self._dropped_since_problem} lines dropped"
+
+    @property
+    def bytes(self) -> int:
+        """Bytes the archive's files take on disk."""
+        return self.files.total
 
     @property
     def pending_lines(self) -> int:
@@ -366,7 +381,7 @@ class Archive(service.Service):
         # Oldest first, so that the registry's order of activity is the archive's.
         for name in self.files.names()[-registry.max_instances :]:
             address = address_of(name)
-            if registry.get(address) is not None or file_name(address) != name:
+            if registry.get(address) is not None or not _is_address(address, name):
                 continue
             try:
                 lines, _ = self.files.tail(name, max_lines, max_bytes)

@@ -108,6 +108,7 @@ class WritingTests(ArchiveTestCase):
 
     def test_a_flush_takes_turns_with_the_reactor(self):
         self.patch(archive_module, "STEP_LINES", 100)
+        self.patch(archive_module, "WRITE_COST", 1)
         turns = []
         # Each slice of the archive's work ends after one step: a reactor turn each.
         self.patch(archive_module, "_Slice", lambda: lambda: turns.append(self.stats["archive_lines"]) or True)
@@ -341,6 +342,15 @@ class RestoreTests(ArchiveTestCase):
         # The most recently written is the most recently active: evicted last.
         self.send("10.0.0.9", extended(1))
         self.assertIsNone(self.registry.get("10.0.0.3"))
+
+    def test_a_file_not_named_by_an_address_is_left_alone(self):
+        self.archive = self.start()
+        self.send("10.0.0.1", extended(1))
+        self.archive.stopService()
+        with open(os.path.join(self.directory, "notes.log"), "w") as f:
+            f.write("2026-11-18T11:06:40.000000Z 6,1,1,-;not an instance\n")
+        self.archive = self.start()
+        self.assertEqual([i.address for i in self.registry], ["10.0.0.1"])
 
     def test_an_unreadable_file_leaves_its_instance_empty_and_the_rest_restored(self):
         self.archive = self.start()

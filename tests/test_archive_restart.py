@@ -93,6 +93,18 @@ class RestartTests(unittest.TestCase):
         self.assertEqual(report["incidents"][0]["kind"], "warning")
 
     @defer.inlineCallbacks
+    def test_a_group_writable_archive_dir_stops_the_start_with_one_line(self):
+        archive = os.path.join(self.spool, "archive")
+        os.makedirs(archive)
+        os.chmod(archive, 0o770)
+        child = spawn(self, "twistd", [*TWISTD, "-n", "--pidfile=", "tempesta-ts", "--host", "127.0.0.1",
+                                       "--port", "0", "--metrics-port", "0", "--spool-dir", self.spool])
+        yield child.ended(SECONDS)
+        self.assertNotIn("Traceback", "\n".join(child.lines))
+        self.assertIn(f"tempesta-ts: archive_dir: {archive!r} is writable by its group (mode 0770)",
+                      child.lines[-1])
+
+    @defer.inlineCallbacks
     def test_after_sigterm_and_a_start_the_report_holds_the_lines_sent_before(self):
         report = yield self.restart_and_report("TERM")
         self.check(report)
