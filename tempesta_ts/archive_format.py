@@ -99,15 +99,16 @@ class Stamps:
     receive time, spread over many instances."""
 
     def __init__(self) -> None:
-        self._known: dict[float, bytes] = {}
+        #: Receive time -> its prefix.
+        self.known: dict[float, bytes] = {}
 
     def prefix(self, when: float) -> bytes:
         """``2026-11-23T10:00:05.123456Z `` (with its space)."""
-        known = self._known.get(when)
+        known = self.known.get(when)
         if known is None:
-            if len(self._known) >= 4096:
-                self._known.clear()
-            known = self._known[when] = receive_stamp(when).encode("ascii") + b" "
+            if len(self.known) >= 4096:
+                self.known.clear()
+            known = self.known[when] = receive_stamp(when).encode("ascii") + b" "
         return known
 
 
@@ -116,9 +117,10 @@ def format_entries(entries: list, stamps: Stamps) -> bytes:
     datagrams of one receive time, ``[received_at, datagram, ...]``, and tuples of lines."""
     pieces = []
     groups = []
+    known = stamps.known
     for entry in entries:
         if type(entry) is list:
-            prefix = stamps.prefix(entry[0])
+            prefix = known.get(entry[0]) or stamps.prefix(entry[0])
             datagrams = entry[1:]
             groups.append(datagrams)
             pieces.append(prefix)

@@ -289,7 +289,14 @@ class BufferRegistry:
             if run is not None and run[0] == now:
                 run.append(data)
             elif self.keep_unwritten:
-                self._start_run(instance, now, data)
+                # A new run, inlined: with many instances, nearly every datagram starts one.
+                instance.run = run = [now, data]
+                unwritten = instance.unwritten
+                if unwritten is None:
+                    instance.unwritten = [run]
+                    self._unwritten[address] = instance
+                else:
+                    unwritten.append(run)
             if not self.observers:
                 return
             # Most lines cannot start an incident: they are not even decoded to text.
@@ -307,15 +314,6 @@ class BufferRegistry:
             line = unpack_record(record)[0]
             for observer in self.observers:
                 observer(instance, (line,))
-
-    def _start_run(self, instance: Instance, now: float, data: bytes) -> None:
-        instance.run = run = [now, data]
-        unwritten = instance.unwritten
-        if unwritten is None:
-            instance.unwritten = [run]
-            self._unwritten[instance.address] = instance
-        else:
-            unwritten.append(run)
 
     def _unwritten_of(self, instance: Instance) -> list:
         if instance.unwritten is None:
