@@ -2,6 +2,8 @@
 # addresses are seen (through Docker's NAT every instance would share one address):
 #   docker run -d --network=host -v /etc/tempesta-ts:/etc/tempesta-ts:ro \
 #     -v tempesta-ts-spool:/var/spool/tempesta-ts tempesta-ts
+# The volume holds the spool and the archive of every line (spool_dir/archive, from which the
+# buffers are rebuilt when the container starts again): keep it across container upgrades.
 FROM python:3.12-slim
 
 RUN useradd --system --home-dir /var/lib/tempesta-ts --shell /usr/sbin/nologin tempesta-ts \
@@ -15,6 +17,7 @@ RUN pip install --no-cache-dir /tmp/tempesta-ts \
     && python -c "from twisted.plugin import IPlugin, getPlugins; from twisted import plugins; list(getPlugins(IPlugin, plugins))"
 
 USER tempesta-ts
+# The spool and the archive (/var/spool/tempesta-ts/archive): durable across containers.
 VOLUME ["/var/spool/tempesta-ts"]
 EXPOSE 5555/udp 5555/tcp
 # /healthz answers 200 while UDP and TCP listen (metrics_host:metrics_port; with metrics_port

@@ -5,6 +5,7 @@ here with cc), and does the same for a bare Python recvfrom loop (bench/bare_rec
 ceiling for any Python receiver on this machine. Prints the figures and the machine.
 
     python bench/ingest.py [--seconds 3] [--instances 1,100,10000] [--format extended|plain]
+        [--archive on|off|both] [--cpu-only]
 
 Every run is bounded: each trial lasts --seconds, the search takes at most --steps trials per
 case, and every child process is killed at the end. Traffic goes to 127.0.0.0/8 only.
@@ -122,6 +123,8 @@ class Server:
         self.processes = processes
         self.settings = settings
         self.name = "tempesta-ts" if processes == 1 else f"tempesta-ts x{processes}"
+        if settings.get("archive_dir") == "":
+            self.name += " (no archive)"
 
     def start(self, port: int, sources: int) -> None:
         self.children = []
@@ -263,6 +266,10 @@ def main() -> None:
                         help="also measure this many server processes sharing the port (reuse_port)")
     parser.add_argument("--format", choices=("extended", "plain"), default="extended",
                         help="netconsole's extended format (+) or plain lines")
+    parser.add_argument("--archive", choices=("on", "off", "both"), default="on",
+                        help="the archive of every line (archive_dir) on, as by default, off, or "
+                             "both one after the other")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the zero-loss search")
     args = parser.parse_args()
     if shutil.which("cc") is None:
         sys.exit("needs a C compiler (cc) to build the sender")
@@ -271,8 +278,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sender = build_sender(tmp)
         results = {}
-        for sources in [int(n) for n in args.instances.split(",")]:
-            receivers = [BareReceiver(), Server(tmp)]
+        archives = {"on": [{}], "off": [{"archive_dir": ""}], "both": [{}, {"archive_dir": ""}]}
+        servers = archives[args.archive]
+        for sources in [] if args.cpu_only else [int(n) for n in args.instances.split(",")]:
+            receivers = [BareReceiver(), *(Server(tmp, **settings) for settings in servers)]
             if args.processes > 1:
                 receivers.append(Server(tmp, args.processes))
             for receiver in receivers:
@@ -280,7 +289,7 @@ def main() -> None:
                     receiver, sender, args.seconds, sources, 25_000, args.steps, args.format)
                 results[(receiver.name, sources)] = best
         print("\nhighest zero-loss rate (datagrams/s):")
-        for sources in [int(n) for n in args.instances.split(",")]:
+        for sources in [] if args.cpu_only else [int(n) for n in args.instances.split(",")]:
             bare = results[("bare recvfrom loop", sources)]
             for name, ours in results.items():
                 if name[1] == sources and name[0] != "bare recvfrom loop":
@@ -288,17 +297,19 @@ def main() -> None:
                     print(f"  {sources:6} instances: bare {bare:8}  {name[0]} {ours:8}  ({share} of bare)")
         print(f"\nCPU per datagram at {args.cpu_rate}/s from 100 instances, {args.seconds * 2:.0f} s "
               f"a trial, {args.cpu_pairs} pairs of trials back to back:")
-        ratios = []
+        ratios: dict[str, list[float]] = {}
         for _ in range(args.cpu_pairs):
             pair = []
-            for receiver in (BareReceiver(), Server(tmp)):
+            for receiver in (BareReceiver(), *(Server(tmp, **settings) for settings in servers)):
                 t = run_trial(receiver, sender, args.cpu_rate, args.seconds * 2, 100, args.format)
                 pair.append(1e6 * t.cpu_seconds / max(t.received, 1))
-                print(f"  {receiver.name:20} {pair[-1]:6.2f} us  (received {t.received} of "
+                print(f"  {receiver.name:30} {pair[-1]:6.2f} us  (received {t.received} of "
                       f"{t.sent}, {t.lines} lines)", flush=True)
-            ratios.append(pair[1] / pair[0])
-        print(f"  tempesta-ts / bare loop: {', '.join(f'{r:.2f}' for r in sorted(ratios))}; "
-              f"median {statistics.median(ratios):.2f}")
+                if len(pair) > 1:
+                    ratios.setdefault(receiver.name, []).append(pair[-1] / pair[0])
+        for name, values in ratios.items():
+            print(f"  {name} / bare loop: {', '.join(f'{r:.2f}' for r in sorted(values))}; "
+                  f"median {statistics.median(values):.2f}")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ class LogBuffer:
 class Instance:
     """One Tempesta FW server, known by its source address."""
 
-    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info")
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "run",
+                 "unwritten")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -180,6 +181,11 @@ class Instance:
         self.decoder = decoder
         self.system_info: SystemInfo | None = None
         #: Set by an observer that must see every line of this instance (an open incident).
+        #: With BufferRegistry.keep_unwritten, what came since the archive last took it: runs
+        #: of datagrams as they came, ``[received_at, datagram, ...]``, and tuples of lines
+        #: made otherwise; `run` is the run datagrams of this receive time go to.
+        self.run: list | None = None
+        self.unwritten: list | None = None
 
     @property
     def kernel_release(self) -> str | None:
@@ -232,6 +238,10 @@ class BufferRegistry:
         #: Addresses whose every line the observers see whatever the filter: the tracker's,
         #: which it keeps while an incident's window is open (the trace, the end marker).
         self.watched = watched
+        #: Set by the archive: instances keep what they receive until it takes it
+        #: (`take_unwritten`). The instances that have any:
+        self.keep_unwritten = False
+        self._unwritten: dict[str, Instance] = {}
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -286,6 +296,20 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
+            # For the archive, the datagram as it came: one line whole, in a run of the
+            # datagrams of one receive time (a read's), written as it is.
+            run = instance.run
+            if run is not None and run[0] == now:
+                run.append(data)
+            elif self.keep_unwritten:
+                # A new run, inlined: with many instances, nearly every datagram starts one.
+                instance.run = run = [now, data]
+                unwritten = instance.unwritten
+                if unwritten is None:
+                    instance.unwritten = [run]
+                    self._unwritten[address] = instance
+                else:
+                    unwritten.append(run)
             if self.every_line:
                 self._to_every_line(instance, record)
                 return
@@ -332,6 +356,21 @@ class BufferRegistry:
             return False
         return pattern.match(record, RECORD_TEXT) is not None
 
+    def _unwritten_of(self, instance: Instance) -> list:
+        if instance.unwritten is None:
+            instance.unwritten = []
+            self._unwritten[instance.address] = instance
+        return instance.unwritten
+
+    def take_unwritten(self) -> list[tuple[Instance, list]]:
+        """For the archive: each instance's unwritten runs and lines, now taken."""
+        taken = []
+        for instance in self._unwritten.values():
+            taken.append((instance, instance.unwritten))
+            instance.unwritten = instance.run = None
+        self._unwritten = {}
+        return taken
+
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""
         instance = self.touch(address, info.received_at)
@@ -370,6 +409,9 @@ class BufferRegistry:
     def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
+        if self.keep_unwritten:
+            instance.run = None
+            self._unwritten_of(instance).append(tuple(lines))
         for observer in self.every_line:
             observer(instance, lines)
         for observer in self.observers:
@@ -384,6 +426,8 @@ class BufferRegistry:
             if lines:
                 self._append(instance, lines)
         self.stats["instances_evicted"] += 1
+        # Its unwritten lines stay on it for the callbacks (the archive) to take.
+        self._unwritten.pop(instance.address, None)
         self.stats["lines_pushed_out"] += instance.buffer.hidden_lines
         for callback in self.evicted:
             callback(instance)

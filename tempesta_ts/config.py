@@ -31,6 +31,7 @@ from tempesta_ts.setting_kinds import (
     LOG_LEVELS,
     OFF_OR_PORT,
     PATH,
+    PATH_OR_OFF,
     PATTERNS,
     PORT,
     REDACTIONS,
@@ -145,6 +146,23 @@ class Config:
     )
     sent_max_bytes: int = _setting(
         64 * MiB, integer(0), "Bound on spool_dir/sent/; the oldest kept reports go first past it."
+    )
+    archive_dir: str | None = _setting(
+        None,
+        PATH_OR_OFF,
+        "Keep every log line on disk here, a file per instance, and rebuild the buffers from it "
+        'at start (default: spool_dir/archive; "" turns it off).',
+    )
+    archive_max_bytes: int = _setting(
+        64 * MiB, integer(64 * 1024), "Size of an instance's archive file before it is rotated."
+    )
+    archive_keep: int = _setting(
+        5, integer(0, 1000), "Rotated (gzip-compressed) archive files kept per instance."
+    )
+    archive_total_max_bytes: int = _setting(
+        4096 * MiB,
+        integer(MiB),
+        "Bound on the whole archive; past it the oldest rotated files go first.",
     )
     settle_seconds: float = _setting(
         5.0, number(0, 3600), "Quiet time after an incident line before its report is sent."

@@ -117,6 +117,20 @@ COUNTERS = (
     ("clickhouse_insert_errors", "clickhouse_insert_errors",
      "Failed requests to ClickHouse (inserts, making the tables); their rows wait and are "
      "sent again."),
+    ("archive_lines", "archive_lines", "Log lines written to the archive (archive_dir)."),
+    ("archive_lines_dropped", "archive_lines_dropped",
+     "Log lines that never reached the archive: its disk failed (full), or their buffer let "
+     "go of them first."),
+    ("archive_write_errors", "archive_write_errors",
+     "Writes, rotations, compressions and removals in the archive that failed."),
+    ("archive_read_errors", "archive_read_errors",
+     "Archive files that could not be read back at start."),
+    ("archive_lines_restored", "archive_lines_restored",
+     "Log lines put back into the buffers from the archive at start."),
+    ("archive_rotations", "archive_rotations", "Archive files rotated by archive_max_bytes."),
+    ("archive_files_removed", "archive_files_removed",
+     "Archive files removed by archive_keep, archive_total_max_bytes or the bound on the "
+     "instances it keeps files of."),
 )
 
 #: stats key -> the ``part`` label of tempesta_ts_errors_total.

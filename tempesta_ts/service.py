@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from tempesta_ts.access import SourceFilter
+from tempesta_ts.archive import Archive
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.clickhouse import ClickHouse
 from tempesta_ts.config import Config
@@ -267,6 +268,11 @@ class TroubleshootingService(service.MultiService):
             self.clickhouse.setServiceParent(self)
         self.registry_service = RegistryService(self.registry, reactor)
         self.registry_service.setServiceParent(self)
+        # Every line on disk, and the buffers rebuilt from it before the listeners start.
+        self.archive = Archive.of(config, self.registry, reactor, self.stats)
+        if self.archive is not None:
+            self.archive.setServiceParent(self)
+            self.degradations.watch("archive", self.archive)
         self.listeners = ListenerService(
             reactor, config.host, config.port, self.udp, self.tcp, config.reuse_port
         )
@@ -325,11 +331,15 @@ class TroubleshootingService(service.MultiService):
         if not self.running:
             return
         service.Service.stopService(self)
-        ordered = (self.listeners, self.registry_service, self.sink, self.clickhouse, self.web)
+        ordered = (self.listeners, self.registry_service, self.archive, self.sink, self.clickhouse,
+                   self.web)
         for other in [c for c in self if c not in ordered]:
             yield maybeDeferred(other.stopService)
         yield self.listeners.stopService()
         yield self.registry_service.stopService()
+        if self.archive is not None:
+            # After the waiting lines were completed: they are written too.
+            yield self.archive.stopService()
         yield self.tracker.close_all()
         yield self.sink.stopService()
         if self.clickhouse is not None:

@@ -92,6 +92,17 @@ def _text(expected: str = "a non-empty string", check: Callable[[str], str] | No
     return Kind(expected, from_json, from_json)
 
 
+def _path_or_off() -> Kind:
+    expected = 'a path, or "" to turn it off'
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        return value.strip() and value
+
+    return Kind(expected, check, check)
+
+
 def _choice(choices: tuple[str, ...]) -> Kind:
     expected = "one of " + ", ".join(choices)
 
@@ -254,6 +265,7 @@ SUPPORT_PORT = integer(1, 65535)
 BOOL = _boolean()
 TEXT = _text()
 PATH = _text("a path")
+PATH_OR_OFF = _path_or_off()
 HOST_ADDRESS = _text("an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::", _ip_address)
 CIDRS = _list_of(_cidr, 'a list of CIDRs such as ["10.0.0.0/8", "2001:db8::/32"]')
 PATTERNS = _list_of(_regex, "a list of regular expressions (strings)", split=False)

@@ -1,0 +1,417 @@
+"""The archive: every log line of every instance on disk, and the buffers rebuilt from it at start.
+
+The path of a datagram only appends it to a list on its instance (`BufferRegistry` with
+keep_unwritten). Once a second (FLUSH_SECONDS) the archive takes what the instances kept
+(`take_unwritten`) and writes it, a few thousand lines a reactor turn: a run of datagrams of
+one receive time, nearly always printable lines, goes as it came, with its receive time
+before each (`archive_format`). What waits is bounded (PENDING_MAX_LINES): past it, and when
+the disk fails, lines are counted dropped; the archive never holds ingest back.
+docs/operations.md describes the files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections import deque
+from typing import Iterator
+
+from twisted.application import service
+from twisted.internet import task
+from twisted.python.failure import Failure
+
+from tempesta_ts.archive_files import ArchiveFiles
+from tempesta_ts.archive_format import Stamps, address_of, file_name, format_entries
+from tempesta_ts.buffers import BufferRegistry, Instance
+from tempesta_ts.errors import StartupError
+from tempesta_ts.log import get_logger
+from tempesta_ts.netconsole import LogLine
+from tempesta_ts.throttle import Throttle
+
+#: How far the archive may be behind the buffers.
+FLUSH_SECONDS = 1.0
+#: Work a step of a flush, in lines written as they came (a few ms); a line the server
+#: formats itself counts FORMAT_COST, a write WRITE_COST (it may open, or make, a file).
+STEP_LINES = 4000
+FORMAT_COST = 10
+WRITE_COST = 100
+#: How long the archive's work may hold the reactor before it lets others run.
+SLICE_SECONDS = 0.005
+#: Lines taken from the instances and not written yet, all together; past it the oldest go
+#: (the disk is slower than the traffic).
+PENDING_MAX_LINES = 500_000
+#: One notice of a recurring failure at most this often.
+NOTICE_SECONDS = 60.0
+#: The line put after the lines restored from the archive, in the buffer and so in reports.
+RESTART_MARKER = "tempesta-ts: restarted; lines above are from the archive"
+
+
+def archive_directory(config) -> str | None:
+    """Where the archive is: archive_dir; by default spool_dir/archive; None when turned off."""
+    if config.archive_dir is None:
+        return os.path.join(config.spool_dir, "archive")
+    return config.archive_dir or None
+
+
+def _lines(entries: list) -> int:
+    # A run holds its receive time, then its datagrams; a tuple holds lines.
+    return sum(len(entry) - 1 if type(entry) is list else len(entry) for entry in entries)
+
+
+def _is_address(address: str, name: str) -> bool:
+    """Whether a file's name is that of a source address (not a file put there by hand)."""
+    try:
+        ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    return file_name(address) == name
+
+
+class _Slice:
+    """A Cooperator's termination predicate: true once SLICE_SECONDS of a turn are spent."""
+
+    def __init__(self) -> None:
+        self.end = time.monotonic() + SLICE_SECONDS
+
+    def __call__(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+class Archive(service.Service):
+    """Writes every instance's lines to its archive file; restores the buffers at start."""
+
+    log = get_logger(__name__)
+
+    def __init__(
+        self,
+        directory: str,
+        registry: BufferRegistry,
+        clock,
+        stats: dict,
+        max_bytes: int,
+        keep: int,
+        total_max_bytes: int,
+        write=os.write,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.stats = stats
+        self.files = ArchiveFiles(
+            directory, max_bytes, keep, total_max_bytes, stats,
+            max_names=max(10 * registry.max_instances, 10_000), write=write,
+        )
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = clock
+        self._cooperator: task.Cooperator | None = None
+        #: (address, its runs and lines) taken from the instances, oldest first; their lines.
+        self._queue: deque[tuple[str, list]] = deque()
+        self._stamps = Stamps()
+        self._queued = 0
+        self._flushing = None
+        self._compressing = None
+        self._problem: str | None = None
+        self._dropped_since_problem = 0
+        self._errors_in_flush = 0
+        self._notices = Throttle(NOTICE_SECONDS)
+        # The archive's one hook into the registry: instances keep what they receive until it
+        # is taken, and an evicted one hands it over.
+        registry.keep_unwritten = True
+        registry.evicted.append(self.forget)
+
+    @classmethod
+    def of(cls, config, registry: BufferRegistry, clock, stats: dict) -> Archive | None:
+        """The archive of a configuration; None when archive_dir turns it off."""
+        directory = archive_directory(config)
+        if directory is None:
+            return None
+        return cls(directory, registry, clock, stats, config.archive_max_bytes,
+                   config.archive_keep, config.archive_total_max_bytes)
+
+    @property
+    def directory(self) -> str:
+        """The archive's directory."""
+        return self.files.directory
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the archive loses lines now, in a few words; None while it writes them all."""
+        if self._problem is None:
+            return None
+        return f"archive: {self._problem}; {self._dropped_since_problem} lines dropped"
+
+    @property
+    def bytes(self) -> int:
+        """Bytes the archive's files take on disk."""
+        return self.files.total
+
+    @property
+    def pending_lines(self) -> int:
+        """Lines taken from the instances and not written yet."""
+        return self._queued
+
+    # Start and stop.
+
+    def startService(self) -> None:
+        """Index the directory and rebuild the buffers from it, before any datagram is read."""
+        super().startService()
+        try:
+            self.files.prepare()
+        except StartupError:
+            raise
+        except OSError as e:
+            # The server runs without it: ingest matters more than its copy on disk.
+            self._trouble(f"cannot use {self.directory} ({e.strerror})", "prepare")
+        else:
+            self.restore()
+        # The archive's work is cut into steps of SLICE_SECONDS at most, a reactor turn each.
+        clock = self.clock
+        self._cooperator = task.Cooperator(
+            terminationPredicateFactory=_Slice, scheduler=lambda step: clock.callLater(0, step)
+        )
+        self._loop.start(FLUSH_SECONDS, now=False)
+
+    def stopService(self):
+        """Write every line still unwritten; what is being compressed is finished at the next
+        start."""
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        if self._cooperator is not None:
+            self._cooperator.stop()
+        self._flushing = self._compressing = None
+        try:
+            self.flush()
+        except Exception:
+            self.stats["timer_errors"] += 1
+            self.log.failure("Failed to write the archive at stop")
+        self.files.close()
+
+    def flush(self) -> None:
+        """Write every unwritten line now, in one go (at stop)."""
+        self._take()
+        if self.files.ready or self._retry_prepare():
+            for _ in self._steps():
+                pass
+
+    # The hooks.
+
+    def forget(self, instance: Instance) -> None:
+        """Registry eviction: the instance's unwritten lines go with the next flush."""
+        if instance.unwritten:
+            self._enqueue(instance.address, instance.unwritten)
+        instance.unwritten = instance.run = None
+
+    # Writing.
+
+    def _tick(self) -> None:
+        try:
+            self._take()
+            if self._flushing is None and self._queue and (self.files.ready or self._retry_prepare()):
+                self._errors_in_flush = 0
+                self._flushing = self._cooperator.cooperate(self._steps()).whenDone()
+                self._flushing.addBoth(self._flushed)
+        except Exception:
+            self._failure("flush")
+
+    def _take(self) -> None:
+        for instance, entries in self.registry.take_unwritten():
+            self._enqueue(instance.address, entries)
+        over = self._queued - PENDING_MAX_LINES
+        if over > 0:
+            dropped = 0
+            while self._queue and dropped < over:
+                _, entries = self._queue.popleft()
+                dropped += _lines(entries)
+            self._queued -= dropped
+            self._dropped(dropped, "pending",
+                          f"lines over the archive's bound of {PENDING_MAX_LINES} unwritten lines "
+                          "dropped: the disk is slower than the traffic")
+
+    def _enqueue(self, address: str, entries: list) -> None:
+        self._queue.append((address, entries))
+        self._queued += _lines(entries)
+
+    def _retry_prepare(self) -> bool:
+        try:
+            self.files.prepare()
+        except (OSError, StartupError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            self._trouble(f"cannot use {self.directory} ({reason})", "prepare")
+            # What was taken cannot wait for ever: it is dropped, counted.
+            self._dropped(self._queued)
+            self._queue.clear()
+            self._queued = 0
+            return False
+        return True
+
+    def _flushed(self, result) -> None:
+        self._flushing = None
+        if isinstance(result, Failure):
+            self._step_failed(result, "flush")
+        elif self._errors_in_flush == 0 and self._problem is not None:
+            self.log.info("Archive: writing again to {directory} ({dropped} lines were dropped)",
+                          directory=self.directory, dropped=self._dropped_since_problem)
+            self._problem = None
+            self._dropped_since_problem = 0
+
+    def _steps(self) -> Iterator[None]:
+        """Write what was queued when the flush began, a step of about STEP_LINES at a time;
+        then keep the archive within its bounds. (What comes meanwhile waits for the next
+        flush: under a flood the bounds are still kept each second.)"""
+        queue = self._queue
+        budget = STEP_LINES
+        for _ in range(len(queue)):
+            if not queue:
+                break
+            address, entries = queue.popleft()
+            self._queued -= _lines(entries)
+            start = count = 0
+            for n, entry in enumerate(entries, 1):
+                if type(entry) is list:
+                    count += len(entry) - 1
+                    budget -= len(entry) - 1
+                else:
+                    count += len(entry)
+                    budget -= len(entry) * FORMAT_COST
+                if budget <= 0 or n == len(entries):
+                    self._write(address, format_entries(entries[start:n], self._stamps), count)
+                    start, count = n, 0
+                if budget <= 0:
+                    budget = STEP_LINES
+                    yield
+            budget -= WRITE_COST
+            if budget <= 0:
+                budget = STEP_LINES
+                yield
+        self.files.enforce()
+        self._check_files()
+        self._compress()
+
+    def _write(self, address: str, data: bytes, count: int) -> None:
+        try:
+            self.files.append(address, data, self.clock.seconds())
+        except OSError as e:
+            self.stats["archive_write_errors"] += 1
+            self._errors_in_flush += 1
+            where = self.files.path(file_name(address))
+            self._trouble(f"cannot write {where} ({e.strerror})", "write")
+            self._dropped(count)
+        else:
+            self.stats["archive_lines"] += count
+
+    def _check_files(self) -> None:
+        failures, self.files.failures = self.files.failures, []
+        for path, error in failures:
+            self.stats["archive_write_errors"] += 1
+            self._errors_in_flush += 1
+            self._trouble(f"cannot remove {path} ({error.strerror})", "remove")
+
+    def _compress(self) -> None:
+        if self._compressing is None and self._cooperator is not None and self.files.to_compress:
+            self._compressing = self._cooperator.cooperate(self._compress_all()).whenDone()
+            self._compressing.addBoth(self._compressed)
+
+    def _compress_all(self) -> Iterator[None]:
+        queue = self.files.to_compress
+        while queue:
+            files, generation = queue.popleft()
+            try:
+                yield from self.files.compress(files, generation)
+            except OSError as e:
+                self.stats["archive_write_errors"] += 1
+                path = self.files.path(files.name, generation.stamp)
+                self._trouble(f"cannot compress {path} ({e.strerror})", "compress")
+            self._check_files()
+
+    def _compressed(self, result) -> None:
+        self._compressing = None
+        if isinstance(result, Failure):
+            self._step_failed(result, "compress")
+
+    def _step_failed(self, failure: Failure, what: str) -> None:
+        # A stop ends the work under way: the stop writes what is left, the next start
+        # compresses what was not.
+        if failure.check(task.SchedulerStopped) is None:
+            self.stats["timer_errors"] += 1
+            if self._notices.hit(("failure", what), self.clock.seconds()) is not None:
+                self.log.failure("Archive: failed in {what}", failure, what=what)
+
+    # Failures: counted, one line a burst, the reason kept for the status page.
+
+    def _dropped(self, count: int, key=None, why: str | None = None) -> None:
+        self.stats["archive_lines_dropped"] += count
+        if self._problem is not None:
+            self._dropped_since_problem += count
+        if why is not None:
+            held = self._notices.hit(key, self.clock.seconds())
+            if held is not None:
+                self.log.warn("Archive: {count} {why} ({held} more such notices held back)",
+                              count=count, why=why, held=held)
+
+    def _trouble(self, problem: str, key: str) -> None:
+        if self._problem is None:
+            self._dropped_since_problem = 0
+        self._problem = problem
+        held = self._notices.hit(("trouble", key), self.clock.seconds())
+        if held is not None:
+            self.log.error(
+                "Archive: {problem}; archive lines are dropped until it works again, ingest goes "
+                "on ({held} more failures since the last notice)", problem=problem, held=held)
+
+    def _failure(self, what: str) -> None:
+        self.stats["timer_errors"] += 1
+        if self._notices.hit(("failure", what), self.clock.seconds()) is not None:
+            self.log.failure("Archive: failed in {what}", what=what)
+
+    # Restore.
+
+    def restore(self) -> int:
+        """Rebuild the buffers from the archive's ends, the instances written most recently
+        first, up to max_instances; each instance's sequence numbering goes on from its last
+        line. Returns the lines restored."""
+        registry = self.registry
+        started = time.monotonic()
+        max_lines = registry.buffer_max_lines - 1
+        max_bytes = registry.buffer_max_bytes - len(RESTART_MARKER)
+        if max_lines < 1 or max_bytes < 1:
+            return 0
+        now = self.clock.seconds()
+        restored = instances = 0
+        # Oldest first, so that the registry's order of activity is the archive's.
+        for name in self.files.names()[-registry.max_instances :]:
+            address = address_of(name)
+            if registry.get(address) is not None or not _is_address(address, name):
+                continue
+            try:
+                lines, _ = self.files.tail(name, max_lines, max_bytes)
+            except OSError as e:
+                self.stats["archive_read_errors"] += 1
+                if self._notices.hit("read", now) is not None:
+                    self.log.warn("Archive: cannot read {name} back ({error}); its instance starts "
+                                  "empty", name=self.files.path(name), error=e.strerror)
+                continue
+            if lines:
+                self._restore_instance(address, lines, now)
+                restored += len(lines)
+                instances += 1
+        self.stats["archive_lines_restored"] += restored
+        if instances:
+            self.log.info(
+                "Restored {lines} lines of {instances} instances from the archive {directory} in "
+                "{seconds:.1f} s", lines=restored, instances=instances, directory=self.directory,
+                seconds=time.monotonic() - started)
+        return restored
+
+    def _restore_instance(self, address: str, lines: list[LogLine], now: float) -> None:
+        instance = self.registry.touch(address, now)
+        instance.buffer.extend(lines)
+        instance.buffer.extend([LogLine(now, RESTART_MARKER)])
+        instance.first_seen = lines[0].received_at
+        instance.last_seen = lines[-1].received_at
+        for line in reversed(lines):
+            if line.seq is not None:
+                # The numbering goes on: the next message is not counted as a loss, a reboot
+                # since (numbers from 0, the kernel's clock gone back) is still seen as one.
+                instance.decoder.sequence.accept(line.seq, line.kernel_time_us)
+                break

@@ -1,0 +1,252 @@
+"""The archive's files: their names, and one text line per kernel log line, written and read back.
+
+A line is the receive time in UTC (ISO 8601, microseconds), a space, then the line in one of
+netconsole's two forms, as the kernel sends it:
+
+    2026-11-23T10:00:05.123456Z 4,1234,87654321,-;WARNING: CPU: 0 PID: 10 at fw/tls.c:294 ...
+    2026-11-23T10:00:05.123456Z [   87.654321] WARNING: CPU: 0 PID: 10 at fw/tls.c:294 ...
+
+the extended form ``<level>,<seq>,<kernel time in µs>,<flags>;<text>`` (that of /dev/kmsg;
+the kernel's release may come first) and the console form ``[<l>][<seconds>.<µs>] <text>``
+(``<level>`` first when the console sent it; either part left out when unknown). A datagram
+that held one whole printable line is written as it came, with no work for each line; other
+lines (fragments put together, several lines in one datagram, a dictionary, text with control
+characters or a backslash) are written in the same forms, their text escaped as the server's
+log escapes it (`tempesta_ts.log.escape`). Pure code: no Twisted, no disk.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from itertools import chain
+
+from tempesta_ts.log import escape
+from tempesta_ts.netconsole import Decoder, LogLine, unpack_record
+
+#: The current file of an instance: ``<name>.log``; a rotated generation adds ``.<stamp>``,
+#: and ``.gz`` once compressed; ``.tmp`` ends a compression under way.
+SUFFIX = ".log"
+_FILE = re.compile(
+    r"(?P<name>[0-9A-Za-z._-]{1,200})\.log"
+    r"(?:\.(?P<stamp>\d{8}T\d{6}\.\d{6}Z)(?P<gz>\.gz(?P<tmp>\.tmp)?)?)?\Z"
+)
+_SAFE = re.compile(r"[^0-9A-Za-z.]")
+_NAME_ESCAPE = re.compile(r"_([0-9a-f]{2})|-")
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+_TEXT_ESCAPE = re.compile(r"\\(?:([\\nrt])|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+_NAMED = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+# The two forms, as netconsole.Decoder tells them apart in a datagram of one line.
+_EXTENDED = re.compile(r"(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;", re.ASCII)
+_CONSOLE = re.compile(r"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?", re.ASCII)
+_MAX_RELEASE = 128
+# What a datagram may hold and be written as it came: printable ASCII but the backslash, and
+# the newline that ends it.
+_PLAIN_OR_NEWLINE = bytes(range(0x20, 0x7F)).replace(b"\\", b"") + b"\n"
+_PLAIN_OR_NEWLINE_OR_NUL = _PLAIN_OR_NEWLINE + b"\x00"
+
+
+def file_name(address: str) -> str:
+    """The name of an instance's files: its address, an IPv6 address with ``-`` for each ``:``
+    (``2001:db8::1`` is ``2001-db8--1``); any other character but letters, digits and ``.``
+    (a scope's ``%``, say) as ``_`` and two hex digits, so that a name gives back its address."""
+    return _SAFE.sub(_escape_char, address)
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    return "-" if char == ":" else "".join(f"_{b:02x}" for b in char.encode("utf-8"))
+
+
+def address_of(name: str) -> str:
+    """The address whose files are named `name` (the reverse of `file_name`)."""
+    if "_" not in name:
+        return name.replace("-", ":")
+    raw = _NAME_ESCAPE.sub(lambda m: ":" if m.group() == "-" else f"\x00{m.group(1)}", name)
+    # Escaped bytes may make one UTF-8 character together.
+    pieces = raw.split("\x00")
+    out = bytearray(pieces[0].encode("utf-8"))
+    for piece in pieces[1:]:
+        out.append(int(piece[:2], 16))
+        out += piece[2:].encode("utf-8")
+    return out.decode("utf-8", "replace")
+
+
+def parse_file_name(file: str) -> tuple[str, str | None, bool, bool] | None:
+    """(name, stamp or None for the current file, compressed, a compression's temporary file)
+    of an archive file's name; None for any other name."""
+    m = _FILE.match(file)
+    if m is None:
+        return None
+    return m["name"], m["stamp"], m["gz"] is not None, m["tmp"] is not None
+
+
+def generation_stamp(when: float) -> str:
+    """A rotated generation's stamp, ``20261123T100005.123456Z``: sorts as time does."""
+    seconds, micros = divmod(int(round(when * 1_000_000)), 1_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def receive_stamp(when: float) -> str:
+    """An archive line's receive time, ``2026-11-23T10:00:05.123456Z``."""
+    seconds, micros = divmod(int(round(when * 1_000_000)), 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)) + f"{micros:06d}Z"
+
+
+class Stamps:
+    """Receive times as archive line prefixes, remembered: the datagrams of one read share one
+    receive time, spread over many instances."""
+
+    def __init__(self) -> None:
+        #: Receive time -> its prefix.
+        self.known: dict[float, bytes] = {}
+
+    def prefix(self, when: float) -> bytes:
+        """``2026-11-23T10:00:05.123456Z `` (with its space)."""
+        known = self.known.get(when)
+        if known is None:
+            if len(self.known) >= 4096:
+                self.known.clear()
+            known = self.known[when] = receive_stamp(when).encode("ascii") + b" "
+        return known
+
+
+def format_entries(entries: list, stamps: Stamps) -> bytes:
+    """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): runs of
+    datagrams of one receive time, ``[received_at, datagram, ...]``, and tuples of lines."""
+    pieces = []
+    groups = []
+    known = stamps.known
+    for entry in entries:
+        if type(entry) is list:
+            prefix = known.get(entry[0]) or stamps.prefix(entry[0])
+            datagrams = entry[1:]
+            groups.append(datagrams)
+            pieces.append(prefix)
+            pieces.append(prefix.join(datagrams))
+        else:
+            pieces.extend(map(format_line, entry))
+    # One look at all the datagrams at once, at the speed of C: nearly always each is
+    # printable ASCII ending in its newline (and in no other), and goes as it came.
+    if not groups:
+        return b"".join(pieces)
+    every = b"\x00".join(chain.from_iterable(groups)) + b"\x00"
+    count = sum(map(len, groups))
+    if (
+        every.translate(None, _PLAIN_OR_NEWLINE_OR_NUL)
+        or every.count(b"\x00") != count
+        or every.count(b"\n\x00") != count
+        or every.count(b"\n") != count
+    ):
+        pieces = [format_run(entry, stamps) if type(entry) is list else b"".join(map(format_line, entry))
+                  for entry in entries]
+    return b"".join(pieces)
+
+
+def format_run(run: list, stamps: Stamps | None = None) -> bytes:
+    """The archive lines of a run of datagrams of one receive time, each checked."""
+    prefix = (stamps or Stamps()).prefix(run[0])
+    pieces = []
+    for datagram in run[1:]:
+        if not datagram.translate(None, _PLAIN_OR_NEWLINE) and datagram.find(b"\n") == len(datagram) - 1:
+            pieces.append(prefix + datagram)
+        else:
+            pieces.append(format_datagram(run[0], datagram))
+    return b"".join(pieces)
+
+
+def format_datagram(received_at: float, datagram: bytes) -> bytes:
+    """The archive line of a datagram of one line that cannot go as it came (control bytes)."""
+    record = Decoder().record(datagram, received_at)
+    if not record:
+        # Not a line of one datagram after all: its bytes, escaped, as a console line.
+        text = datagram.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        return format_line(LogLine(received_at, text))
+    return format_line(unpack_record(record)[0])
+
+
+def format_line(line: LogLine) -> bytes:
+    """The archive line of a line the server made (fragments put together, a line of several
+    in a datagram, one with a dictionary)."""
+    text = escape(line.text)
+    stamp = receive_stamp(line.received_at)
+    if line.seq is not None and line.kernel_time_us is not None:
+        level = 6 if line.level is None else line.level
+        out = f"{stamp} {level},{line.seq},{line.kernel_time_us},-;{text}\n"
+    else:
+        prefix = "" if line.level is None else f"<{line.level}>"
+        if line.kernel_time_us is not None:
+            prefix += "[%5d.%06d] " % divmod(line.kernel_time_us, 1_000_000)
+        elif not prefix and _looks_like_a_prefix(text):
+            # Read back, the text would be taken for a level, a time stamp or a header.
+            text = f"\\x{ord(text[0]):02x}{text[1:]}"
+        out = f"{stamp} {prefix}{text}\n"
+    return out.encode("utf-8", "backslashreplace")
+
+
+def _looks_like_a_prefix(text: str) -> bool:
+    return bool(text) and (
+        _CONSOLE.match(text).end() > 0 or _extended_header(text) is not None
+    )
+
+
+def _extended_header(payload: str) -> re.Match | None:
+    m = _EXTENDED.match(payload)
+    if m is None and payload[:1] != "[":
+        # The kernel's release may come first (netconsole's "r" option).
+        comma = payload.find(",", 1, _MAX_RELEASE + 1)
+        if comma > 0 and ";" not in payload[:comma] and not payload[:comma].isdigit():
+            m = _EXTENDED.match(payload, comma + 1)
+    return m
+
+
+def parse_received(stamp: str, cache: dict[str, int]) -> float | None:
+    """Epoch seconds of an archive line's receive time; None when it is not one. `cache` holds
+    the seconds of the dates seen (one strptime each)."""
+    if len(stamp) != 27 or _STAMP.match(stamp) is None:
+        return None
+    head = stamp[:19]
+    seconds = cache.get(head)
+    if seconds is None:
+        try:
+            seconds = calendar.timegm(time.strptime(head, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return None
+        if len(cache) > 4096:
+            cache.clear()
+        cache[head] = seconds
+    return seconds + int(stamp[20:26]) / 1_000_000
+
+
+def parse_line(raw: str, cache: dict[str, int]) -> LogLine | None:
+    """The line an archive line was written from (without its dictionary); None when it is not
+    an archive line (cut by a crash, or not written by the server)."""
+    stamp, space, payload = raw.partition(" ")
+    if not space:
+        return None
+    received = parse_received(stamp, cache)
+    if received is None:
+        return None
+    m = _extended_header(payload)
+    if m is not None:
+        return LogLine(received, unescape(payload[m.end() :]), int(m[1]) & 7, int(m[2]), int(m[3]))
+    m = _CONSOLE.match(payload)
+    level = None if m[1] is None else int(m[1]) & 7
+    kernel = None if m[2] is None else int(m[2]) * 1_000_000 + int(m[3])
+    return LogLine(received, unescape(payload[m.end() :]), level, None, kernel)
+
+
+def unescape(text: str) -> str:
+    """The text `tempesta_ts.log.escape` was given."""
+    if "\\" not in text:
+        return text
+    return _TEXT_ESCAPE.sub(_unescaped, text)
+
+
+def _unescaped(match: re.Match) -> str:
+    named, byte, short, long = match.groups()
+    if named is not None:
+        return _NAMED[named]
+    code = int(byte or short or long, 16)
+    return chr(code) if code <= 0x10FFFF else match.group()
