@@ -33,8 +33,6 @@ _STATES = {"written": "written locally"}
 HTML = "text/html; charset=utf-8"
 
 
-# --- who may read ----------------------------------------------------------------------------
-
 
 def _query_token(request) -> bytes | None:
     values = request.args.get(b"token") if request.args else None
@@ -84,8 +82,6 @@ def instance_href(address: str, suffix: str = "") -> str:
 def _report_href(report_id: str, suffix: str) -> str:
     return e("/reports/" + quote(report_id, safe="") + ".json" + suffix)
 
-
-# --- the pages -------------------------------------------------------------------------------
 
 
 def _head(title: str) -> str:
@@ -221,8 +217,6 @@ def instance_page(detail: InstanceDetail, suffix: str = "") -> str:
     out.append(_foot(suffix))
     return "".join(out)
 
-
-# --- resources -------------------------------------------------------------------------------
 
 
 class InstanceResource(resource.Resource):

@@ -304,8 +304,6 @@ class StatusSource:
         )
 
 
-# --- the lines that say it -------------------------------------------------------------------
-
 
 def describe_mode(mode: Mode) -> str:
     """Where reports go, in words."""

@@ -43,8 +43,6 @@ HTML_LINE_CHARS = 300
 #: bounds what a forged one costs when 10,000 instances are listed).
 JSON_LINE_CHARS = 4096
 
-# --- what the pages show -------------------------------------------------------------------
-
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
@@ -129,8 +127,6 @@ def status_document(snapshot: Snapshot, started_at: float) -> dict[str, Any]:
         "degraded": degraded_status(snapshot),
     }
 
-
-# --- the HTML page -------------------------------------------------------------------------
 
 
 def _rows(pairs) -> str:
@@ -235,8 +231,6 @@ def status_page(snapshot: Snapshot, started_at: float, max_rows: int = MAX_ROWS,
     )
     return "".join(out)
 
-
-# --- resources -----------------------------------------------------------------------------
 
 
 class MetricsResource(resource.Resource):
