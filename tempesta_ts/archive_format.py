@@ -44,7 +44,7 @@ _MAX_RELEASE = 128
 # What a datagram may hold and be written as it came: printable ASCII but the backslash, and
 # the newline that ends it.
 _PLAIN_OR_NEWLINE = bytes(range(0x20, 0x7F)).replace(b"\\", b"") + b"\n"
-_PLAIN_OR_NEWLINE_OR_NUL = _PLAIN_OR_NEWLINE + b"\x00"
+_PLAIN = _PLAIN_OR_NEWLINE[:-1]
 
 
 def file_name(address: str) -> str:
@@ -101,6 +101,8 @@ class Stamps:
     def __init__(self) -> None:
         #: Receive time -> its prefix.
         self.known: dict[float, bytes] = {}
+        self._second = -1
+        self._date = b""
 
     def prefix(self, when: float) -> bytes:
         """``2026-11-23T10:00:05.123456Z `` (with its space)."""
@@ -108,7 +110,12 @@ class Stamps:
         if known is None:
             if len(self.known) >= 4096:
                 self.known.clear()
-            known = self.known[when] = receive_stamp(when).encode("ascii") + b" "
+            seconds, micros = divmod(int(round(when * 1_000_000)), 1_000_000)
+            if seconds != self._second:
+                # strftime once a second, not once a read.
+                self._second = seconds
+                self._date = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)).encode()
+            known = self.known[when] = self._date + b"%06dZ " % micros
         return known
 
 
@@ -131,14 +138,11 @@ def format_entries(entries: list, stamps: Stamps) -> bytes:
     # printable ASCII ending in its newline (and in no other), and goes as it came.
     if not groups:
         return b"".join(pieces)
+    # Each datagram ends in its newline, and holds no other and no NUL: then taking the N
+    # "newline NUL" pairs out of them joined by NULs leaves no newline, no NUL.
     every = b"\x00".join(chain.from_iterable(groups)) + b"\x00"
-    count = sum(map(len, groups))
-    if (
-        every.translate(None, _PLAIN_OR_NEWLINE_OR_NUL)
-        or every.count(b"\x00") != count
-        or every.count(b"\n\x00") != count
-        or every.count(b"\n") != count
-    ):
+    rest = every.replace(b"\n\x00", b"")
+    if len(every) - len(rest) != 2 * sum(map(len, groups)) or rest.translate(None, _PLAIN):
         pieces = [format_run(entry, stamps) if type(entry) is list else b"".join(map(format_line, entry))
                   for entry in entries]
     return b"".join(pieces)
