@@ -41,6 +41,8 @@ SLICE_SECONDS = 0.005
 #: Lines taken from the instances and not written yet, all together; past it the oldest go
 #: (the disk is slower than the traffic).
 PENDING_MAX_LINES = 500_000
+#: The restore at start takes at most about this long (systemd waits 90 s for a start).
+RESTORE_SECONDS = 30.0
 #: One notice of a recurring failure at most this often.
 NOTICE_SECONDS = 60.0
 #: The line put after the lines restored from the archive, in the buffer and so in reports.
@@ -368,8 +370,8 @@ class Archive(service.Service):
 
     def restore(self) -> int:
         """Rebuild the buffers from the archive's ends, the instances written most recently
-        first, up to max_instances; each instance's sequence numbering goes on from its last
-        line. Returns the lines restored."""
+        first, up to max_instances and RESTORE_SECONDS; each instance's sequence numbering
+        goes on from its last line. Returns the lines restored."""
         registry = self.registry
         started = time.monotonic()
         max_lines = registry.buffer_max_lines - 1
@@ -377,9 +379,17 @@ class Archive(service.Service):
         if max_lines < 1 or max_bytes < 1:
             return 0
         now = self.clock.seconds()
-        restored = instances = 0
-        # Oldest first, so that the registry's order of activity is the archive's.
-        for name in self.files.names()[-registry.max_instances :]:
+        lines_restored = 0
+        restored: list[Instance] = []
+        candidates = self.files.names()[-registry.max_instances :]
+        # The most recently written first: past the time allowed, those written longest ago
+        # are the ones that start empty.
+        for left, name in enumerate(reversed(candidates)):
+            if restored and time.monotonic() - started > RESTORE_SECONDS:
+                self.log.warn(
+                    "Archive: {left} instances not restored, the restore took over {limit} s; "
+                    "they start empty", left=len(candidates) - left, limit=RESTORE_SECONDS)
+                break
             address = address_of(name)
             if registry.get(address) is not None or not _is_address(address, name):
                 continue
@@ -392,18 +402,21 @@ class Archive(service.Service):
                                   "empty", name=self.files.path(name), error=e.strerror)
                 continue
             if lines:
-                self._restore_instance(address, lines, now)
-                restored += len(lines)
-                instances += 1
-        self.stats["archive_lines_restored"] += restored
-        if instances:
+                restored.append(self._restore_instance(address, lines, now))
+                lines_restored += len(lines)
+        # The registry's order of activity is the archive's: the most recent dropped last.
+        for instance in reversed(restored):
+            last_seen = instance.last_seen
+            registry.touch(instance.address, now).last_seen = last_seen
+        self.stats["archive_lines_restored"] += lines_restored
+        if restored:
             self.log.info(
                 "Restored {lines} lines of {instances} instances from the archive {directory} in "
-                "{seconds:.1f} s", lines=restored, instances=instances, directory=self.directory,
-                seconds=time.monotonic() - started)
-        return restored
+                "{seconds:.1f} s", lines=lines_restored, instances=len(restored),
+                directory=self.directory, seconds=time.monotonic() - started)
+        return lines_restored
 
-    def _restore_instance(self, address: str, lines: list[LogLine], now: float) -> None:
+    def _restore_instance(self, address: str, lines: list[LogLine], now: float) -> Instance:
         instance = self.registry.touch(address, now)
         instance.buffer.extend(lines)
         instance.buffer.extend([LogLine(now, RESTART_MARKER)])
@@ -415,3 +428,4 @@ class Archive(service.Service):
                 # since (numbers from 0, the kernel's clock gone back) is still seen as one.
                 instance.decoder.sequence.accept(line.seq, line.kernel_time_us)
                 break
+        return instance

@@ -388,7 +388,8 @@ class ArchiveFiles:
                 line = parse_line(raw.decode("utf-8", "replace"), cache)
                 if line is None:
                     continue
-                length = len(line.text.encode("utf-8", "backslashreplace"))
+                text = line.text
+                length = len(text) if text.isascii() else len(text.encode("utf-8", "backslashreplace"))
                 if len(lines) >= max_lines or size + length > max_bytes:
                     return lines[::-1], files.written_at
                 lines.append(line)

@@ -39,6 +39,11 @@ _TEXT_ESCAPE = re.compile(r"\\(?:([\\nrt])|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a
 _NAMED = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 # The two forms, as netconsole.Decoder tells them apart in a datagram of one line.
 _EXTENDED = re.compile(r"(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;", re.ASCII)
+_COMMON_LINE = re.compile(
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{6})Z "
+    r"(\d{1,3}),(\d{1,19}),(\d{1,19}),[-c+](?:,caller=[TC]\d{1,10})?;",
+    re.ASCII,
+)
 _CONSOLE = re.compile(r"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?", re.ASCII)
 _MAX_RELEASE = 128
 # What a datagram may hold and be written as it came: printable ASCII but the backslash, and
@@ -226,6 +231,15 @@ def parse_received(stamp: str, cache: dict[str, int]) -> float | None:
 def parse_line(raw: str, cache: dict[str, int]) -> LogLine | None:
     """The line an archive line was written from (without its dictionary); None when it is not
     an archive line (cut by a crash, or not written by the server)."""
+    m = _COMMON_LINE.match(raw)
+    if m is not None:
+        # The common line, an extended one as it came, in one match.
+        seconds = cache.get(m[1])
+        if seconds is not None:
+            text = raw[m.end() :]
+            return LogLine(seconds + int(m[2]) / 1_000_000,
+                           unescape(text) if "\\" in text else text,
+                           int(m[3]) & 7, int(m[4]), int(m[5]))
     stamp, space, payload = raw.partition(" ")
     if not space:
         return None

@@ -343,6 +343,16 @@ class RestoreTests(ArchiveTestCase):
         self.send("10.0.0.9", extended(1))
         self.assertIsNone(self.registry.get("10.0.0.3"))
 
+    def test_past_the_time_allowed_the_instances_written_longest_ago_start_empty(self):
+        self.archive = self.start()
+        for n in range(1, 4):
+            self.send(f"10.0.0.{n}", extended(1))
+            self.clock.advance(1.0)
+        self.patch(archive_module, "RESTORE_SECONDS", -1)
+        self.restart()
+        self.assertEqual([i.address for i in self.registry], ["10.0.0.3"])
+        self.assertIn("2 instances not restored", self.logged(LogLevel.warn)[-1])
+
     def test_a_file_not_named_by_an_address_is_left_alone(self):
         self.archive = self.start()
         self.send("10.0.0.1", extended(1))
