@@ -219,14 +219,18 @@ def instance_page(detail: InstanceDetail, suffix: str = "") -> str:
 
 
 
-class InstanceResource(resource.Resource):
-    """/instances/{address}."""
+class _Page(resource.Resource):
+    """A page that reads the web service's detail source; the rest of its path is its own."""
 
     isLeaf = True
 
     def __init__(self, web) -> None:
         super().__init__()
         self.web = web
+
+
+class InstanceResource(_Page):
+    """/instances/{address}."""
 
     @guarded
     def render_GET(self, request) -> bytes:
@@ -243,14 +247,8 @@ class InstanceResource(resource.Resource):
         return respond(request, HTML, instance_page(detail, link_suffix(request)))
 
 
-class ReportsResource(resource.Resource):
+class ReportsResource(_Page):
     """/reports and /reports/{id}.json."""
-
-    isLeaf = True
-
-    def __init__(self, web) -> None:
-        super().__init__()
-        self.web = web
 
     @guarded
     def render_GET(self, request) -> bytes:
