@@ -35,6 +35,7 @@ from twisted.internet import task  # noqa: E402
 
 from tempesta_ts.access import SourceFilter  # noqa: E402
 from tempesta_ts.archive import Archive  # noqa: E402
+from tempesta_ts.archive_files import descriptor_budget  # noqa: E402
 from tempesta_ts.buffers import BufferRegistry  # noqa: E402
 from tempesta_ts.incidents import Rules  # noqa: E402
 from tempesta_ts.intake import Intake  # noqa: E402
@@ -48,13 +49,15 @@ def server(instances: int, directory: str | None, max_bytes: int):
     stats = dict.fromkeys(KNOWN_STATS, 0)
     clock = task.Clock()
     clock.advance(1_800_000_000)
-    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats)
+    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats,
+                              keep_unwritten=directory is not None)
     rules = Rules()
     tracker = IncidentTracker(rules, clock, 5.0, 300.0, None, None, Counter())
     registry.line_filter = rules.line_filter
     archive = None
     if directory is not None:
-        archive = Archive(directory, registry, clock, stats, max_bytes, 5, 1 << 40)
+        archive = Archive(directory, registry, clock, stats, max_bytes, 5, 1 << 40,
+                          max_open=descriptor_budget(instances + 16))
     registry.observers.append(tracker.lines_added)
     if archive is not None:
         archive.startService()
@@ -97,7 +100,8 @@ def run(args, instances: int, directory: str | None) -> tuple[float, dict]:
 def restore(directory: str, instances: int) -> tuple[float, int]:
     """Seconds to rebuild the buffers from the archive, and the lines restored."""
     stats = dict.fromkeys(KNOWN_STATS, 0)
-    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats)
+    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats,
+                              keep_unwritten=directory is not None)
     archive = Archive(directory, registry, task.Clock(), stats, 1 << 26, 5, 1 << 40)
     started = time.process_time()
     archive.files.prepare()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import resource
 import time
 from collections import deque
 from typing import Iterator
@@ -21,8 +22,14 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-from tempesta_ts.archive_files import ArchiveFiles
-from tempesta_ts.archive_format import Stamps, address_of, file_name, format_entries
+from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_budget
+from tempesta_ts.archive_format import (
+    Stamps,
+    address_of,
+    archive_directory,
+    file_name,
+    format_entries,
+)
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.errors import StartupError
 from tempesta_ts.log import get_logger
@@ -47,13 +54,6 @@ RESTORE_SECONDS = 30.0
 NOTICE_SECONDS = 60.0
 #: The line put after the lines restored from the archive, in the buffer and so in reports.
 RESTART_MARKER = "tempesta-ts: restarted; lines above are from the archive"
-
-
-def archive_directory(config) -> str | None:
-    """Where the archive is: archive_dir; by default spool_dir/archive; None when turned off."""
-    if config.archive_dir is None:
-        return os.path.join(config.spool_dir, "archive")
-    return config.archive_dir or None
 
 
 def _lines(entries: list) -> int:
@@ -95,13 +95,14 @@ class Archive(service.Service):
         keep: int,
         total_max_bytes: int,
         write=os.write,
+        max_open: int = 1024,
     ) -> None:
         self.registry = registry
         self.clock = clock
         self.stats = stats
         self.files = ArchiveFiles(
             directory, max_bytes, keep, total_max_bytes, stats,
-            max_names=max(10 * registry.max_instances, 10_000), write=write,
+            max_names=max(10 * registry.max_instances, 10_000), write=write, max_open=max_open,
         )
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = clock
@@ -116,9 +117,9 @@ class Archive(service.Service):
         self._dropped_since_problem = 0
         self._errors_in_flush = 0
         self._notices = Throttle(NOTICE_SECONDS)
-        # The archive's one hook into the registry: instances keep what they receive until it
-        # is taken, and an evicted one hands it over.
-        registry.keep_unwritten = True
+        if not registry.keep_unwritten:
+            raise ValueError("the archive needs a registry made with keep_unwritten=True")
+        # An evicted instance hands over what it kept.
         registry.evicted.append(self.forget)
 
     @classmethod
@@ -127,8 +128,11 @@ class Archive(service.Service):
         directory = archive_directory(config)
         if directory is None:
             return None
+        # A descriptor for each instance held (and for those just evicted, written once more).
+        max_open = descriptor_budget(config.max_instances + 16,
+                                     RESERVED_FILES + config.tcp_max_connections)
         return cls(directory, registry, clock, stats, config.archive_max_bytes,
-                   config.archive_keep, config.archive_total_max_bytes)
+                   config.archive_keep, config.archive_total_max_bytes, max_open=max_open)
 
     @property
     def directory(self) -> str:
@@ -166,6 +170,13 @@ class Archive(service.Service):
             self._trouble(f"cannot use {self.directory} ({e.strerror})", "prepare")
         else:
             self.restore()
+        if self.files.max_open < self.registry.max_instances:
+            self.log.warn(
+                "Archive: {max_open} files held open at most (RLIMIT_NOFILE {limit}) for "
+                "max_instances {instances}: with more instances sending, each write opens and "
+                "closes a file; raise the limit (LimitNOFILE= under systemd, --ulimit nofile= "
+                "with Docker)", max_open=self.files.max_open, instances=self.registry.max_instances,
+                limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # The archive's work is cut into steps of SLICE_SECONDS at most, a reactor turn each.
         clock = self.clock
         self._cooperator = task.Cooperator(

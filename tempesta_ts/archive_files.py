@@ -30,10 +30,13 @@ from tempesta_ts.archive_format import (
 from tempesta_ts.files import check_private_directory, open_regular
 from tempesta_ts.netconsole import LogLine
 
-#: Descriptors of current files held open at most (the least recently written closed first),
-#: within a quarter of the process's limit: each instance written once a second would
-#: otherwise cost an open and a close a second too.
-OPEN_FILES = 1024
+#: Descriptors of current files held open at most: one for each instance held, so that
+#: writing an instance's lines costs a write, not an open, a check of its end and a close
+#: (ten times as much: with 10,000 instances, most of the archive's time).
+OPEN_FILES = 65536
+#: Descriptors left to everything else (listeners, TCP clients, HTTPS, ClickHouse) beside
+#: tcp_max_connections.
+RESERVED_FILES = 256
 #: Bytes compressed a step: a few milliseconds of the reactor at level 1.
 COMPRESS_CHUNK = 256 * 1024
 #: gzip -1: five to six times smaller, about 100 MiB/s; -6 would take four times the CPU for a
@@ -73,12 +76,23 @@ class InstanceFiles:
         self.checked = False
 
 
-def descriptor_budget() -> int:
-    """Descriptors the archive may hold: a quarter of RLIMIT_NOFILE, 16 to OPEN_FILES."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+def descriptor_budget(wanted: int, reserved: int = RESERVED_FILES) -> int:
+    """Descriptors the archive may hold: `wanted` (one per instance held, at most OPEN_FILES),
+    within RLIMIT_NOFILE less `reserved`; the soft limit is raised towards the hard one for
+    it where the process may (systemd's default soft limit is 1024)."""
+    wanted = min(wanted, OPEN_FILES)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + reserved:
+        target = wanted + reserved if hard == resource.RLIM_INFINITY else min(hard, wanted + reserved)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            # Forbidden (a seccomp filter, say): the archive makes do with fewer.
+            pass
     if soft == resource.RLIM_INFINITY:
-        return OPEN_FILES
-    return max(16, min(OPEN_FILES, soft // 4))
+        return max(16, wanted)
+    return max(16, min(wanted, soft - reserved))
 
 
 def write_all(write: Callable[[int, bytes], int], fd: int, data: bytes) -> None:
@@ -100,7 +114,7 @@ class ArchiveFiles:
         stats: dict,
         max_names: int = 100_000,
         write: Callable[[int, bytes], int] = os.write,
-        max_open: int | None = None,
+        max_open: int = 1024,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -109,7 +123,7 @@ class ArchiveFiles:
         #: Instances with files: a flood of new source addresses must not leave a file for
         #: each for ever; those written longest ago go first.
         self.max_names = max_names
-        self.max_open = descriptor_budget() if max_open is None else max_open
+        self.max_open = max_open
         self.stats = stats
         #: os.write, or a stand-in for tests (a full disk).
         self.write = write

@@ -18,6 +18,7 @@ log escapes it (`tempesta_ts.log.escape`). Pure code: no Twisted, no disk.
 from __future__ import annotations
 
 import calendar
+import os
 import re
 import time
 from itertools import chain
@@ -268,3 +269,10 @@ def _unescaped(match: re.Match) -> str:
         return _NAMED[named]
     code = int(byte or short or long, 16)
     return chr(code) if code <= 0x10FFFF else match.group()
+
+
+def archive_directory(config) -> str | None:
+    """Where the archive is: archive_dir; by default spool_dir/archive; None when turned off."""
+    if config.archive_dir is None:
+        return os.path.join(config.spool_dir, "archive")
+    return config.archive_dir or None

@@ -217,6 +217,7 @@ class BufferRegistry:
         evicted: Iterable[Callable[[Instance], None]] = (),
         watched: Container[str] = frozenset(),
         every_line: Iterable[LinesObserver] = (),
+        keep_unwritten: bool = False,
     ) -> None:
         self.max_instances = max_instances
         self.buffer_max_lines = buffer_max_lines
@@ -238,9 +239,9 @@ class BufferRegistry:
         #: Addresses whose every line the observers see whatever the filter: the tracker's,
         #: which it keeps while an incident's window is open (the trace, the end marker).
         self.watched = watched
-        #: Set by the archive: instances keep what they receive until it takes it
+        #: For the archive: instances keep what they receive until it takes it
         #: (`take_unwritten`). The instances that have any:
-        self.keep_unwritten = False
+        self.keep_unwritten = keep_unwritten
         self._unwritten: dict[str, Instance] = {}
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 
 from tempesta_ts import __version__
+from tempesta_ts.archive_format import archive_directory
 from tempesta_ts.buffers import BufferRegistry, Instance, LinesObserver, SystemInfo
 from tempesta_ts.clock import wall_offset_of
 from tempesta_ts.config import Config
@@ -195,6 +196,8 @@ def build_pipeline(
         evicted=[*evicted, tracker.forget],
         watched=tracker.watched,
         every_line=every_line,
+        # The archive takes what each instance received, once a second.
+        keep_unwritten=archive_directory(config) is not None,
     )
     return Pipeline(registry, tracker, make_report)
 

@@ -40,7 +40,8 @@ class ArchiveTestCase(unittest.TestCase):
     def start(self, max_lines=100, max_instances=10, write=os.write, max_bytes=64 * 1024,
               keep=3, total=10**9) -> Archive:
         self.stats = dict.fromkeys(KNOWN_STATS, 0)
-        self.registry = BufferRegistry(max_instances, max_lines, 10**6, self.stats)
+        self.registry = BufferRegistry(max_instances, max_lines, 10**6, self.stats,
+                                       keep_unwritten=True)
         archive = Archive(self.directory, self.registry, self.clock, self.stats, max_bytes, keep,
                           total, write=write)
         archive.startService()
@@ -202,6 +203,19 @@ class FullDiskTests(ArchiveTestCase):
         self.assertIsNone(archive.degraded)
         self.assertEqual(len(self.archived()), 1)
         self.assertIn("writing again", self.logged(LogLevel.info)[-1])
+
+    def test_an_archive_needs_a_registry_that_keeps_what_it_received(self):
+        registry = BufferRegistry(10, 100, 10**6)
+        with self.assertRaises(ValueError):
+            Archive(self.directory, registry, self.clock, {}, 1 << 20, 3, 1 << 30)
+
+    def test_too_few_descriptors_for_the_instances_is_said_at_start(self):
+        self.registry = BufferRegistry(5000, 100, 10**6, keep_unwritten=True)
+        archive = Archive(self.directory, self.registry, self.clock,
+                          dict.fromkeys(KNOWN_STATS, 0), 1 << 20, 3, 1 << 30, max_open=704)
+        archive.startService()
+        self.addCleanup(archive.stopService)
+        self.assertIn("704 files held open at most", self.logged(LogLevel.warn)[-1])
 
     def test_an_archive_directory_that_cannot_be_made_leaves_ingest_running(self):
         with open(self.directory, "w") as f:

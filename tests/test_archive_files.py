@@ -294,15 +294,32 @@ class FilesTests(unittest.TestCase):
         self.assertFalse(os.path.exists(files.path("10.1.0.49")))
         self.assertTrue(os.path.exists(files.path("10.1.0.50")))
 
-    def test_the_archive_holds_a_quarter_of_the_descriptor_limit_at_most(self):
+    def limit(self, soft):
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-        self.assertEqual(descriptor_budget(), 256)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-        self.assertEqual(descriptor_budget(), min(1024, min(hard, 65536) // 4))
+        before = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, before)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+        return before[1]
+
+    def test_the_archive_holds_a_descriptor_for_each_instance_raising_the_soft_limit(self):
+        import resource
+
+        hard = self.limit(1024)
+        if hard != resource.RLIM_INFINITY and hard < 5000 + 320:
+            raise unittest.SkipTest(f"the hard RLIMIT_NOFILE ({hard}) is below 5320")
+        self.assertEqual(descriptor_budget(5000, 320), 5000)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 5320)
+
+    def test_the_archive_holds_fewer_descriptors_when_the_limit_cannot_be_raised(self):
+        self.limit(1024)
+
+        def forbidden(*args):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        self.patch(archive_files.resource, "setrlimit", forbidden)
+        self.assertEqual(descriptor_budget(5000, 320), 1024 - 320)
+        self.assertEqual(descriptor_budget(100, 320), 100)
 
     def test_a_failed_write_leaves_whole_lines_only(self):
         calls = []
