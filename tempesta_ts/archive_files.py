@@ -131,6 +131,8 @@ class ArchiveFiles:
         self.total = 0
         self.ready = False
         self._index: dict[str, InstanceFiles] = {}
+        #: Address -> file name, remembered: a flush writes thousands.
+        self._names: dict[str, str] = {}
         self._open: OrderedDict[str, int] = OrderedDict()
         #: Generations waiting to be compressed, oldest first.
         self.to_compress: deque[tuple[InstanceFiles, Generation]] = deque()
@@ -203,13 +205,21 @@ class ArchiveFiles:
     def append(self, address: str, data: bytes, now: float) -> None:
         """Append lines to an instance's current file, rotating it first if they would take it
         past max_bytes. Raises OSError; then the file is as it was (nothing half-written)."""
-        files = self._files(file_name(address))
+        name = self._names.get(address)
+        if name is None:
+            if len(self._names) >= self.max_names:
+                self._names.clear()
+            name = self._names[address] = file_name(address)
+        files = self._files(name)
         if files.size and files.size + len(data) > self.max_bytes:
             self._rotate(files, now)
         fd = self._descriptor(files)
         before = files.size
         try:
-            write_all(self.write, fd, data)
+            # One write nearly always takes it all.
+            done = self.write(fd, data)
+            if done != len(data):
+                write_all(self.write, fd, memoryview(data)[done:])
         except OSError:
             # Part of it may be in: cut back so that the file holds whole lines only.
             try:

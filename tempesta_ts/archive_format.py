@@ -21,7 +21,6 @@ import calendar
 import os
 import re
 import time
-from itertools import chain
 
 from tempesta_ts.log import escape
 from tempesta_ts.netconsole import Decoder, LogLine, unpack_record
@@ -129,26 +128,33 @@ def format_entries(entries: list, stamps: Stamps) -> bytes:
     """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): runs of
     datagrams of one receive time, ``[received_at, datagram, ...]``, and tuples of lines."""
     pieces = []
-    groups = []
+    datagrams = []
     known = stamps.known
     for entry in entries:
         if type(entry) is list:
             prefix = known.get(entry[0]) or stamps.prefix(entry[0])
-            datagrams = entry[1:]
-            groups.append(datagrams)
-            pieces.append(prefix)
-            pieces.append(prefix.join(datagrams))
+            if len(entry) == 2:
+                # A run of one datagram: nearly every run, with many instances.
+                datagram = entry[1]
+                datagrams.append(datagram)
+                pieces.append(prefix)
+                pieces.append(datagram)
+            else:
+                run = entry[1:]
+                datagrams.extend(run)
+                pieces.append(prefix)
+                pieces.append(prefix.join(run))
         else:
             pieces.extend(map(format_line, entry))
     # One look at all the datagrams at once, at the speed of C: nearly always each is
     # printable ASCII ending in its newline (and in no other), and goes as it came.
-    if not groups:
+    if not datagrams:
         return b"".join(pieces)
     # Each datagram ends in its newline, and holds no other and no NUL: then taking the N
     # "newline NUL" pairs out of them joined by NULs leaves no newline, no NUL.
-    every = b"\x00".join(chain.from_iterable(groups)) + b"\x00"
+    every = b"\x00".join(datagrams) + b"\x00"
     rest = every.replace(b"\n\x00", b"")
-    if len(every) - len(rest) != 2 * sum(map(len, groups)) or rest.translate(None, _PLAIN):
+    if len(every) - len(rest) != 2 * len(datagrams) or rest.translate(None, _PLAIN):
         pieces = [format_run(entry, stamps) if type(entry) is list else b"".join(map(format_line, entry))
                   for entry in entries]
     return b"".join(pieces)
