@@ -1,5 +1,6 @@
 """What the operators' pages show beyond the snapshot: one instance's latest lines, incidents
-marked, its system information and reports; the reports made lately and where each stands.
+marked, its system information and reports; the reports made lately and where each stands;
+the reports delivered and kept in spool_dir/sent/.
 
 `DetailSource` reads the registry, the tracker, the report sinks and `RecentReports` when a
 page asks, as `StatusSource` (tempesta_ts/status.py) does for the snapshot; the pages get only
@@ -9,14 +10,18 @@ its three functions, never the parts. Nothing here changes the parts.
 from __future__ import annotations
 
 import collections
+import heapq
 from dataclasses import dataclass
 
 from tempesta_ts.recent import RecentReports, ReportSummary
 from tempesta_ts.report import iso
+from tempesta_ts.sent import SentReport, SentReports
 from tempesta_ts.status import InstanceStatus
 
 #: Lines of an instance shown on its page, the latest.
 PAGE_LINES = 1000
+#: Reports kept in spool_dir/sent/ listed on /reports, the most recently delivered.
+SENT_ROWS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,16 @@ class ReportRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SentRows:
+    """The reports kept in spool_dir/sent/ as /reports lists them: the most recently delivered
+    first, at most SENT_ROWS; how many and how many bytes are kept in all."""
+
+    reports: tuple[SentReport, ...]
+    total: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class SystemInfoText:
     """An instance's latest document with its text (None when only system_info_dir has it)."""
 
@@ -73,7 +88,8 @@ class DetailSource:
     """Reads an instance's lines and the recent reports for the operators' pages."""
 
     def __init__(self, clock, *, registry, tracker, sink, recent: RecentReports, status,
-                 reporter=None, page_lines: int = PAGE_LINES) -> None:
+                 reporter=None, sent: SentReports | None = None, page_lines: int = PAGE_LINES,
+                 sent_rows: int = SENT_ROWS) -> None:
         self.clock = clock
         self.registry = registry
         self.tracker = tracker
@@ -84,6 +100,9 @@ class DetailSource:
         #: The Reporter with a Support Server (attempts, last failure); None stand-alone.
         self.reporter = reporter
         self.page_lines = page_lines
+        #: spool_dir/sent/ (None stand-alone or with sent_keep_days 0).
+        self.kept = sent
+        self.sent_rows = sent_rows
 
     def instance(self, address: str) -> InstanceDetail | None:
         """An instance's page, or None when no instance has that address."""
@@ -91,7 +110,8 @@ class DetailSource:
         if instance is None:
             return None
         status = self.status.instance_status(instance)
-        reports = [self._row(s) for s in self.recent.of_instance(address)]
+        kept = self._kept_ids()
+        reports = [self._row(s, kept) for s in self.recent.of_instance(address)]
         settling = self._settling(address)
         if settling is not None:
             reports.insert(0, settling)
@@ -110,14 +130,33 @@ class DetailSource:
     def reports(self) -> tuple[ReportRow, ...]:
         """Incidents settling, then every report remembered, the newest first."""
         settling = [self._settling(address) for address in list(self.tracker.last_incidents)]
+        kept = self._kept_ids()
         return tuple([r for r in settling if r is not None]
-                     + [self._row(s) for s in self.recent.summaries()])
+                     + [self._row(s, kept) for s in self.recent.summaries()])
 
     def report_json(self, report_id: str) -> bytes | None:
-        """A report's body as it was handed over (what leaves the site), while it is held."""
-        return self.recent.body(report_id)
+        """A report's body as it was handed over (what leaves the site), while it is held in
+        memory, else as it was delivered, while spool_dir/sent/ keeps it."""
+        body = self.recent.body(report_id)
+        if body is None and self.kept is not None:
+            body = self.kept.body(report_id)
+        return body
 
-    def _row(self, summary: ReportSummary) -> ReportRow:
+    def sent(self) -> SentRows | None:
+        """The reports delivered and kept in spool_dir/sent/; None when none are kept."""
+        if self.kept is None:
+            return None
+        kept = self.kept.listing()
+        newest = heapq.nlargest(self.sent_rows, kept,
+                                key=lambda r: (r.delivered or r.created, r.created))
+        return SentRows(tuple(newest), len(kept), sum(r.size for r in kept))
+
+    def _kept_ids(self) -> frozenset[str]:
+        # Read once per page: a row's body is shown from sent/ when memory no longer holds it.
+        return frozenset() if self.kept is None else frozenset(
+            r.report_id for r in self.kept.listing())
+
+    def _row(self, summary: ReportSummary, kept: frozenset[str]) -> ReportRow:
         state = self.sink.state_of(summary.report_id)
         attempts = error = None
         if self.reporter is not None:
@@ -125,7 +164,8 @@ class DetailSource:
         return ReportRow(
             report_id=summary.report_id, instance=summary.instance, made_at=summary.made_at,
             titles=summary.titles, state=state, size=summary.size, attempts=attempts,
-            last_error=error, body_held=self.recent.body(summary.report_id) is not None,
+            last_error=error,
+            body_held=summary.report_id in kept or self.recent.body(summary.report_id) is not None,
         )
 
     def _settling(self, address: str) -> ReportRow | None:

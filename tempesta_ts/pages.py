@@ -1,6 +1,6 @@
 """The operators' pages: /instances/{address} (the latest lines, incidents marked, system
-information, reports), /reports and /reports/{id}.json, and the rule that guards every page
-showing log text (tempesta_ts/page_access.py).
+information, reports), /reports (with those kept in spool_dir/sent/) and /reports/{id}.json,
+and the rule that guards every page showing log text (tempesta_ts/page_access.py).
 
 Rendered synchronously from `DetailSource` (tempesta_ts/detail.py) at request time. Kernel
 lines and documents come from the wire: everything is escaped (webparts.wire), and the
@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from twisted.web import resource
 
-from tempesta_ts.detail import InstanceDetail, ReportRow
+from tempesta_ts.detail import InstanceDetail, ReportRow, SentRows
 from tempesta_ts.page_access import may_read
 from tempesta_ts.report import iso
 from tempesta_ts.webparts import STYLE, ago, e, respond, size, when, wire
@@ -133,14 +133,40 @@ def _report_table(rows: Sequence[ReportRow], now: float, suffix: str,
     return "".join(out)
 
 
-def reports_page(rows: Sequence[ReportRow], now: float, suffix: str = "") -> str:
-    """/reports: incidents settling, then the reports made lately, the newest first."""
+def _sent_table(sent: SentRows | None, now: float, suffix: str) -> str:
+    if sent is None:
+        return ("<p>Delivered reports are not kept (stand-alone, or sent_keep_days is 0).</p>\n")
+    if not sent.total:
+        return "<p>None is kept in spool_dir/sent/.</p>\n"
+    shown = len(sent.reports)
+    out = [f"<p>{sent.total:,} kept in spool_dir/sent/ ({e(size(sent.bytes))}), "
+           "the most recently delivered first"]
+    if sent.total > shown:
+        out.append(f"; the {shown:,} newest are shown, {sent.total - shown:,} more are not "
+                   "(ls spool_dir/sent/)")
+    out.append(".</p>\n<table>\n<tr><th>Delivered (UTC)</th><th>Report</th><th>Size</th></tr>\n")
+    for report in sent.reports:
+        delivered = report.delivered or report.created
+        out.append(
+            f"<tr><td>{e(when(delivered, now))}</td>"
+            f"<td><a href=\"{_report_href(report.report_id, suffix)}\">{e(report.report_id)}</a>"
+            f"</td><td class=\"n\">{e(size(report.size))}</td></tr>\n"
+        )
+    out.append("</table>\n")
+    return "".join(out)
+
+
+def reports_page(rows: Sequence[ReportRow], now: float, suffix: str = "",
+                 sent: SentRows | None = None) -> str:
+    """/reports: incidents settling, then the reports made lately, the newest first; then the
+    reports delivered and kept in spool_dir/sent/."""
     return (
         _head("tempesta-ts reports") + "<h1>Reports</h1>\n"
         "<p>Incidents settling, then the reports made since the server started (the latest "
         "1,000), the newest first. A report's JSON is what was handed over to be sent, after "
         "report_redactions and report_exclude_patterns.</p>\n"
-        + _report_table(rows, now, suffix) + _foot(suffix)
+        + _report_table(rows, now, suffix)
+        + "<h2>Sent</h2>\n" + _sent_table(sent, now, suffix) + _foot(suffix)
     )
 
 
@@ -256,14 +282,16 @@ class ReportsResource(_Page):
         detail = self.web.detail
         path = [p for p in request.postpath if p]
         if not path and detail is not None:
-            page = reports_page(detail.reports(), self.web.reactor.seconds(), link_suffix(request))
+            page = reports_page(detail.reports(), self.web.reactor.seconds(),
+                                link_suffix(request), detail.sent())
             return respond(request, HTML, page)
         if detail is None or len(path) != 1 or not path[0].endswith(b".json"):
             return _not_found(request, "/reports lists the reports; /reports/ID.json is one")
         body = detail.report_json(path[0][: -len(b".json")].decode("utf-8", "replace"))
         if body is None:
             return _not_found(request, "no such report is held (the latest reports are kept "
-                                       "in memory while the server runs)")
+                                       "in memory while the server runs, the delivered ones in "
+                                       "spool_dir/sent/ for sent_keep_days)")
         return respond(request, "application/json", body)
 
 

@@ -292,7 +292,7 @@ class TroubleshootingService(service.MultiService):
             collector = ServerCollector(self.status, self.listeners.udp_socket, delivery_times)
             detail = DetailSource(reactor, registry=self.registry, tracker=self.tracker,
                                   sink=self.sink, recent=self.recent, status=self.status,
-                                  reporter=self.reporter)
+                                  reporter=self.reporter, sent=self.sent)
             self.web = WebService(reactor, config.metrics_host, config.metrics_port,
                                   self.status, self.status.listening, collector,
                                   detail=detail, status_token=config.status_token)

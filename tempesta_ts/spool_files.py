@@ -19,10 +19,15 @@ _REPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 _NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z-([A-Za-z0-9_-]{1,128})\.json\Z")
 
 
+def valid_report_id(report_id) -> bool:
+    """Whether a report id is 1 to 128 of [A-Za-z0-9_-]: safe in a file name and a header."""
+    return isinstance(report_id, str) and _REPORT_ID.match(report_id) is not None
+
+
 def encode_report(report: Mapping) -> bytes:
     """The request body: the report as JSON, UTF-8; raises ValueError on a bad report_id."""
     report_id = report.get("report_id")
-    if not isinstance(report_id, str) or not _REPORT_ID.match(report_id):
+    if not valid_report_id(report_id):
         raise ValueError(f"report_id {report_id!r} is not 1 to 128 of [A-Za-z0-9_-]")
     return json.dumps(report, ensure_ascii=False, allow_nan=False).encode("utf-8")
 

@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.web import resource, server
 
 from tempesta_ts import __version__
-from tempesta_ts.detail import DetailSource
+from tempesta_ts.detail import DetailSource, SentRows
 from tempesta_ts.errors import StartupError, describe_listen_error
 from tempesta_ts.hosts import host_port
 from tempesta_ts.log import get_logger
@@ -108,7 +108,21 @@ def degraded_status(snapshot: Snapshot) -> list[dict[str, Any]]:
     return [dict(d, since=iso(d["since"])) for d in snapshot.degraded]
 
 
-def status_document(snapshot: Snapshot, started_at: float) -> dict[str, Any]:
+def sent_status(sent: SentRows | None) -> dict[str, Any] | None:
+    """The reports kept in spool_dir/sent/, as /status.json counts them (as it does the
+    pending ones); None when delivered reports are not kept."""
+    if sent is None:
+        return None
+    newest = sent.reports[0] if sent.reports else None
+    return {
+        "kept": sent.total,
+        "bytes": sent.bytes,
+        "newest": None if newest is None else iso(newest.delivered or newest.created),
+    }
+
+
+def status_document(snapshot: Snapshot, started_at: float,
+                    sent: SentRows | None = None) -> dict[str, Any]:
     """The whole /status.json document."""
     now, listening = snapshot.now, snapshot.listening
     instances = sorted(snapshot.instances, key=lambda i: _address_key(i.address))
@@ -124,6 +138,7 @@ def status_document(snapshot: Snapshot, started_at: float) -> dict[str, Any]:
         "counters": dict(snapshot.counters),
         "instances": [instance_status(i) for i in instances],
         "spool": spool_status(snapshot.delivery),
+        "sent": sent_status(sent),
         "degraded": degraded_status(snapshot),
     }
 
@@ -267,7 +282,9 @@ class StatusResource(resource.Resource):
         """The page or the document (they show incident lines: loopback or the token)."""
         snapshot = self.web.snapshot()
         if self.as_json:
-            document = status_document(snapshot, self.web.started_at)
+            # spool_dir/sent/ is read here, not in the snapshot: /metrics never reads it.
+            sent = self.web.detail.sent() if self.web.detail is not None else None
+            document = status_document(snapshot, self.web.started_at, sent)
             return _respond(request, "application/json", json.dumps(document) + "\n")
         page = status_page(snapshot, self.web.started_at, suffix=link_suffix(request))
         return _respond(request, "text/html; charset=utf-8", page)
@@ -302,8 +319,8 @@ class IndexResource(resource.Resource):
             f"<h1>tempesta-ts {_e(__version__)}</h1>\n<ul>\n"
             "<li><a href=\"/status\">/status</a>: instances, incidents, reports</li>\n"
             "<li><a href=\"/status.json\">/status.json</a>: the same, all instances, JSON</li>\n"
-            "<li><a href=\"/reports\">/reports</a>: the reports made lately, where each stands"
-            "</li>\n"
+            "<li><a href=\"/reports\">/reports</a>: the reports made lately, where each stands, "
+            "and those delivered and kept</li>\n"
             "<li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n"
             "<li><a href=\"/healthz\">/healthz</a>: 200 while listening</li>\n"
             "</ul></body></html>\n"

@@ -1,5 +1,6 @@
-"""The operators' pages: /instances/{address}, /reports, /reports/{id}.json; who may read them
-(loopback, or the status_token); real HTTP over loopback and a real headless browser."""
+"""The operators' pages: /instances/{address}, /reports, /reports/{id}.json (the reports in
+memory and those kept in spool_dir/sent/); who may read them (loopback, or the status_token);
+real HTTP over loopback and a real headless browser."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
 from tempesta_ts.config import Config
-from tempesta_ts.detail import PAGE_LINES
+from tempesta_ts.detail import PAGE_LINES, SENT_ROWS
 from tempesta_ts.page_access import given_token, is_loopback, may_read
 from tempesta_ts.pages import PRETTY_MAX_CHARS, system_info_text
+from tempesta_ts.report import iso
 from tempesta_ts.service import TroubleshootingService
+from tempesta_ts.spool_files import file_name
 from tempesta_ts.webparts import size
 from tests.captures import datagrams
-from tests.test_reporter import Answer, FakeSupport
+from tests.test_reporter import EPOCH, Answer, FakeSupport
 from tests.test_web import StatusCase
 
 HOST = "127.0.0.2"
@@ -78,6 +81,22 @@ class PagesCase(StatusCase):
         self.send(svc, HOST, WARNING)
         self.advance(2.0)
 
+    def plant(self, svc, report_id: str, created: float, delivered: float,
+              body: bytes | None = None) -> str:
+        """A report file in spool_dir/sent/, as a delivery leaves it; its path."""
+        os.makedirs(svc.sent.directory, mode=0o700, exist_ok=True)
+        path = os.path.join(svc.sent.directory, file_name(created, report_id))
+        with open(path, "wb") as f:
+            f.write(body if body is not None else json.dumps({"report_id": report_id}).encode())
+        os.utime(path, (delivered, delivered))
+        return path
+
+    def sent_rows(self, page: str) -> list[tuple[str, str, str]]:
+        """(delivered, report id, size) of each row of the page's Sent table."""
+        table = page.split("<h2>Sent</h2>", 1)[1].split("</table>", 1)[0]
+        return re.findall(r'<tr><td>([^<]*)</td><td><a href="/reports/[^"]*">([^<]*)</a></td>'
+                          r'<td class="n">([^<]*)</td></tr>', table)
+
 
 class FromElsewhereTests(PagesCase):
     """A request whose peer is not loopback (DummyRequest's faked transport peer)."""
@@ -122,6 +141,18 @@ class FromElsewhereTests(PagesCase):
         code, body = self.render(svc, "/reports", peer, headers={b"authorization": b"Bearer no"})
         self.assertEqual(code, 403)
         self.assertIn(b"Authorization: Bearer TOKEN", body)
+
+    def test_a_sent_report_follows_the_same_rule(self):
+        svc = self.make(FakeSupport(), status_token=TOKEN)
+        self.plant(svc, "a1", EPOCH - 60, EPOCH - 30, b'{"report_id": "a1", "secret": 1}')
+        peer = IPv4Address("TCP", "192.0.2.1", 40000)
+        for path in ("/reports", "/reports/a1.json"):
+            code, body = self.render(svc, path, peer)
+            self.assertEqual(code, 403, path)
+            self.assertNotIn(b"a1", body)
+        code, body = self.render(svc, "/reports/a1.json", peer,
+                                 headers={b"authorization": b"Bearer " + TOKEN.encode()})
+        self.assertEqual((code, json.loads(body)), (200, {"report_id": "a1", "secret": 1}))
 
 
 class InstancePageTests(PagesCase):
@@ -321,3 +352,93 @@ class TokenSettingTests(unittest.TestCase):
                 config.build({"status_token_file": given}, {}, {})
             self.assertIn("status_token_file", str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+
+
+class SentReportsPageTests(PagesCase):
+    """/reports lists the reports kept in spool_dir/sent/; /reports/{id}.json shows them."""
+
+    def test_a_delivered_report_is_listed_as_sent_and_shown_from_spool_dir_sent(self):
+        svc = self.make(FakeSupport())
+        svc.recent.max_body_bytes = 0  # memory holds no body: what is shown comes from sent/
+        self.send(svc, HOST, WARNING)
+        self.advance(2.0)
+        self.assertEqual(svc.stats["reports_kept_sent"], 1)
+        [kept] = svc.sent.listing()
+        page = self.fetch(svc, "/reports")
+        self.assertEqual(self.sent_rows(page),
+                         [(f"{iso(EPOCH + 2.0)} (0 s ago)", kept.report_id, size(kept.size))])
+        self.assertIn("1 kept in spool_dir/sent/", page)
+        # The row of the report made links its JSON too, though memory no longer holds it.
+        self.assertEqual(page.count(f'href="/reports/{kept.report_id}.json"'), 2)
+        self.assertNotIn("no longer held", page)
+        response, body = self.get(svc, f"/reports/{kept.report_id}.json")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        with open(kept.path, "rb") as f:
+            self.assertEqual(body, f.read())
+        self.assertEqual(json.loads(body)["report_id"], kept.report_id)
+        self.assertEqual(self.support.requests[0]["body"], body)
+
+    def test_sent_reports_are_listed_most_recently_delivered_first_with_id_and_size(self):
+        svc = self.make(FakeSupport())
+        # b was spooled first but delivered last (after retries).
+        self.plant(svc, "a", EPOCH - 300, EPOCH - 200, b"{}")
+        self.plant(svc, "b", EPOCH - 400, EPOCH - 100, b'{"report_id": "b"}')
+        self.plant(svc, "c", EPOCH - 250, EPOCH - 150, b"x" * 3000)
+        rows = self.sent_rows(self.fetch(svc, "/reports"))
+        self.assertEqual(rows, [
+            (f"{iso(EPOCH - 100)} (1 min ago)", "b", "18 B"),
+            (f"{iso(EPOCH - 150)} (2 min ago)", "c", "2.9 KiB"),
+            (f"{iso(EPOCH - 200)} (3 min ago)", "a", "2 B"),
+        ])
+        self.assertEqual(json.loads(self.fetch(svc, "/reports/b.json")), {"report_id": "b"})
+
+    def test_the_sent_list_is_bounded_and_says_how_many_more_are_kept(self):
+        svc = self.make(FakeSupport())
+        for n in range(SENT_ROWS + 3):
+            self.plant(svc, f"r{n:03d}", EPOCH - 1000 + n, EPOCH - 1000 + n, b"{}")
+        page = self.fetch(svc, "/reports")
+        ids = [row[1] for row in self.sent_rows(page)]
+        self.assertEqual(ids, [f"r{n:03d}" for n in range(SENT_ROWS + 2, 2, -1)])
+        self.assertIn(f"{SENT_ROWS + 3} kept in spool_dir/sent/", page)
+        self.assertIn(f"the {SENT_ROWS} newest are shown, 3 more are not", page)
+        # The oldest, not listed, is still shown by its id.
+        self.assertEqual(self.fetch(svc, "/reports/r000.json"), "{}")
+
+    def test_a_crafted_id_or_a_link_planted_in_sent_is_refused(self):
+        svc = self.make(FakeSupport())
+        kept = self.plant(svc, "k", EPOCH - 60, EPOCH - 60, b'{"report_id": "k"}')
+        secret = os.path.join(os.path.dirname(svc.sent.directory), "secret.json")
+        with open(secret, "w") as f:
+            f.write('{"secret": "outside sent/"}')
+        os.symlink(secret, os.path.join(svc.sent.directory, file_name(EPOCH, "planted")))
+        name = os.path.basename(kept)
+        for path in ("/reports/planted.json", "/reports/..%2Fsecret.json",
+                     "/reports/..%2F..%2Fsecret.json", "/reports/%2E%2E%2Fsent%2F" + name,
+                     f"/reports/{name}", "/reports/k%00.json", "/reports/sent%2Fk.json",
+                     "/reports/.json", f"/reports/{'k' * 129}.json"):
+            body = self.fetch(svc, path, 404)
+            self.assertNotIn("outside sent/", body, path)
+        page = self.fetch(svc, "/reports")
+        self.assertEqual([row[1] for row in self.sent_rows(page)], ["k"])
+        self.assertNotIn("planted", page)
+        # sent/ itself a link: nothing is read through it.
+        elsewhere = svc.sent.directory + ".elsewhere"
+        os.rename(svc.sent.directory, elsewhere)
+        os.symlink(elsewhere, svc.sent.directory)
+        self.fetch(svc, "/reports/k.json", 404)
+
+    def test_without_sent_the_page_says_delivered_reports_are_not_kept(self):
+        page = self.fetch(self.make(), "/reports")
+        self.assertIn("Delivered reports are not kept (stand-alone, or sent_keep_days is 0)", page)
+        svc = self.make(FakeSupport())
+        self.assertIn("None is kept in spool_dir/sent/", self.fetch(svc, "/reports"))
+
+    def test_status_json_counts_the_sent_reports(self):
+        self.assertIsNone(self.document(self.make())["sent"])
+        svc = self.make(FakeSupport())
+        self.assertEqual(self.document(svc)["sent"], {"kept": 0, "bytes": 0, "newest": None})
+        self.plant(svc, "a", EPOCH - 300, EPOCH - 200, b"{}")
+        self.plant(svc, "b", EPOCH - 400, EPOCH - 100, b"[1]")
+        self.assertEqual(self.document(svc)["sent"],
+                         {"kept": 2, "bytes": 5, "newest": iso(EPOCH - 100)})

@@ -9,20 +9,20 @@ from tempesta_ts.config import Config
 from tempesta_ts.sent import DAY, PRUNE_SECONDS, SentReports
 from tempesta_ts.spool import Spool
 from tempesta_ts.spool_files import file_name
-from tests.test_reporter import CLIENT, KEY, ReporterTestCase, report
+from tests.test_reporter import CLIENT, EPOCH, KEY, Answer, FakeSupport, ReporterTestCase, report
 
 
 class SentReportsTests(ReporterTestCase):
     """A Reporter whose spool keeps what it delivered."""
 
-    def sent_reporter(self, keep_days: float = 7, max_bytes: int = 1 << 20):
+    def sent_reporter(self, keep_days: float = 7, max_bytes: int = 1 << 20, support=None):
         self.sent = SentReports(self.spool_dir, keep_days, max_bytes, self.clock, self.stats)
         config = Config(support_host="support.test", support_client_id=CLIENT, support_api_key=KEY,
                         spool_dir=self.spool_dir)
         spool = Spool.of(config, self.stats, self.clock, keep_sent=self.sent.keep)
         self.sent.startService()
         self.addCleanup(self.sent.stopService)
-        return self.reporter(spool=spool)
+        return self.reporter(support, spool=spool)
 
     def sent_names(self) -> list[str]:
         return sorted(os.listdir(os.path.join(self.spool_dir, "sent")))
@@ -67,3 +67,36 @@ class SentReportsTests(ReporterTestCase):
         self.submit(rep, report(1))
         self.assertFalse(os.path.exists(os.path.join(self.spool_dir, "sent")))
         self.assertEqual(os.listdir(os.path.join(self.spool_dir, "pending")), [])
+
+    def test_a_kept_report_shows_when_it_was_delivered_after_retries(self):
+        rep = self.sent_reporter(support=FakeSupport([Answer(status=503)]))
+        self.submit(rep, report(1))
+        self.assertEqual(self.stats["reports_delivered"], 0)
+        for _ in range(100):
+            self.advance(10)
+            if self.stats["reports_delivered"]:
+                break
+        [kept] = self.sent.listing()
+        self.assertEqual(kept.created, EPOCH)
+        self.assertEqual(kept.delivered, self.clock.seconds())
+        self.assertGreater(kept.delivered, EPOCH)
+        with open(kept.path, "rb") as f:
+            self.assertEqual(self.sent.body(kept.report_id), f.read())
+
+    def test_what_is_not_a_regular_file_is_neither_listed_nor_read_nor_in_the_pruning_s_way(self):
+        self.sent = SentReports(self.spool_dir, 7, 1 << 20, self.clock, Counter())
+        directory = os.path.join(self.spool_dir, "sent")
+        os.makedirs(directory)
+        fifo, folder = file_name(EPOCH, "fifo"), file_name(EPOCH, "folder")
+        os.mkfifo(os.path.join(directory, fifo))
+        os.mkdir(os.path.join(directory, folder))
+        with open(os.path.join(directory, file_name(EPOCH - 8 * DAY, "old")), "wb") as f:
+            f.write(b'{"report_id": "old"}')
+        self.assertEqual([r.report_id for r in self.sent.listing()], ["old"])
+        self.assertIsNone(self.sent.body("fifo"))  # answered at once: the open does not block
+        self.assertIsNone(self.sent.body("folder"))
+        self.assertIsNone(self.sent.body("old", max_bytes=10))
+        self.assertEqual(self.sent.body("old"), b'{"report_id": "old"}')
+        self.sent.prune()
+        self.assertEqual(sorted(os.listdir(directory)), sorted([fifo, folder]))
+        self.assertEqual(self.sent.stats["sent_reports_pruned"], 1)
