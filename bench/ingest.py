@@ -152,7 +152,7 @@ class Server:
         log_path = os.path.join(self.spool, f"server-{n}.log")
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                [sys.executable, "-c", os.environ.get("BENCH_PRELUDE", "") + "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=", "tempesta-ts", "--config", path],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )
@@ -168,14 +168,22 @@ class Server:
         return sum(cpu_seconds(proc.pid) for proc, _ in self.children)
 
     def counts(self) -> tuple[int, int]:
-        datagrams = lines = 0
+        return self.counter("datagrams"), self.counter("lines")
+
+    def wait_for_archive(self, lines: int, seconds: float) -> None:
+        """Until the archive wrote `lines` (each new instance's file made), or `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if self.settings.get("archive_dir") == "" or self.counter("archive_lines") >= lines:
+                return
+
+    def counter(self, name: str) -> int:
+        total = 0
         for _, metrics in self.children:
-            url = f"http://127.0.0.1:{metrics}/status.json"
-            with urllib.request.urlopen(url, timeout=10) as r:
-                counters = json.load(r)["counters"]
-            datagrams += counters.get("datagrams", 0)
-            lines += counters.get("lines", 0)
-        return datagrams, lines
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/status.json", timeout=10) as r:
+                total += json.load(r)["counters"].get(name, 0)
+        return total
 
     def stop(self) -> None:
         for proc, _ in self.children:
@@ -199,7 +207,7 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int,
             subprocess.run([sender, str(port), str(sources), "1", str(sources),
                             "plain" if fmt == "plain" else "lines"],
                            check=True, capture_output=True, timeout=120)
-            time.sleep(3.0)
+            receiver.wait_for_archive(sources, 120.0)
         before = receiver.counts() if isinstance(receiver, Server) else (0, 0)
         errors = udp_rcvbuf_errors()
         cpu_of = getattr(receiver, "cpu", lambda: cpu_seconds(receiver.proc.pid))

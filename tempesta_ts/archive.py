@@ -60,10 +60,14 @@ RESTART_MARKER = "tempesta-ts: restarted; lines above are from the archive"
 
 
 def _lines(entries: list) -> int:
-    # A run holds its receive time, then its datagrams; a tuple holds lines.
+    # A datagram (bytes) is a line, a tuple holds lines, a receive time (float) none.
     count = 0
     for entry in entries:
-        count += len(entry) - 1 if type(entry) is list else len(entry)
+        kind = type(entry)
+        if kind is bytes:
+            count += 1
+        elif kind is tuple:
+            count += len(entry)
     return count
 
 
@@ -220,7 +224,7 @@ class Archive(service.Service):
         """Registry eviction: the instance's unwritten lines go with the next flush."""
         if instance.unwritten:
             self._enqueue(instance.address, instance.unwritten)
-        instance.unwritten = instance.run = None
+        instance.unwritten = instance.run_at = None
 
     # Writing.
 
@@ -294,17 +298,25 @@ class Archive(service.Service):
                     budget = STEP_LINES
                     yield
                 continue
+            # A long one in pieces, each of which starts with its receive time.
             start = count = 0
+            at = now = None
             for n, entry in enumerate(entries, 1):
-                if type(entry) is list:
-                    count += len(entry) - 1
-                    budget -= len(entry) - 1
-                else:
+                kind = type(entry)
+                if kind is bytes:
+                    count += 1
+                    budget -= 1
+                elif kind is tuple:
                     count += len(entry)
                     budget -= len(entry) * FORMAT_COST
+                else:
+                    now = entry
                 if budget <= 0 or n == len(entries):
-                    self._write(address, format_entries(entries[start:n], self._stamps), count)
-                    start, count = n, 0
+                    piece = entries[start:n]
+                    if at is not None and type(piece[0]) is bytes:
+                        piece.insert(0, at)
+                    self._write(address, format_entries(piece, self._stamps), count)
+                    start, count, at = n, 0, now
                 if budget <= 0:
                     budget = STEP_LINES
                     yield

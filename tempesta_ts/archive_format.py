@@ -125,38 +125,47 @@ class Stamps:
 
 
 def format_entries(entries: list, stamps: Stamps) -> bytes:
-    """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): runs of
-    datagrams of one receive time, ``[received_at, datagram, ...]``, and tuples of lines."""
+    """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): receive
+    times (float), each before the datagrams (bytes) received then, and tuples of lines."""
     pieces = []
     datagrams = []
     known = stamps.known
+    prefix = b""
     for entry in entries:
-        if type(entry) is list:
-            prefix = known.get(entry[0]) or stamps.prefix(entry[0])
-            if len(entry) == 2:
-                # A run of one datagram: nearly every run, with many instances.
-                datagram = entry[1]
-                datagrams.append(datagram)
-                pieces.append(prefix)
-                pieces.append(datagram)
-            else:
-                run = entry[1:]
-                datagrams.extend(run)
-                pieces.append(prefix)
-                pieces.append(prefix.join(run))
-        else:
+        kind = type(entry)
+        if kind is bytes:
+            datagrams.append(entry)
+            pieces.append(prefix)
+            pieces.append(entry)
+        elif kind is tuple:
             pieces.extend(map(format_line, entry))
-    # One look at all the datagrams at once, at the speed of C: nearly always each is
-    # printable ASCII ending in its newline (and in no other), and goes as it came.
+        else:
+            prefix = known.get(entry) or stamps.prefix(entry)
     if not datagrams:
         return b"".join(pieces)
+    # One look at all the datagrams at once, at the speed of C: nearly always each is
+    # printable ASCII ending in its newline (and in no other), and goes as it came.
     # Each datagram ends in its newline, and holds no other and no NUL: then taking the N
     # "newline NUL" pairs out of them joined by NULs leaves no newline, no NUL.
     every = b"\x00".join(datagrams) + b"\x00"
     rest = every.replace(b"\n\x00", b"")
     if len(every) - len(rest) != 2 * len(datagrams) or rest.translate(None, _PLAIN):
-        pieces = [format_run(entry, stamps) if type(entry) is list else b"".join(map(format_line, entry))
-                  for entry in entries]
+        return _format_checked(entries, stamps)
+    return b"".join(pieces)
+
+
+def _format_checked(entries: list, stamps: Stamps) -> bytes:
+    """format_entries, each datagram checked on its own (one is not a plain line)."""
+    pieces = []
+    at = 0.0
+    for entry in entries:
+        kind = type(entry)
+        if kind is bytes:
+            pieces.append(format_run([at, entry], stamps))
+        elif kind is tuple:
+            pieces.extend(map(format_line, entry))
+        else:
+            at = entry
     return b"".join(pieces)
 
 

@@ -170,8 +170,8 @@ class LogBuffer:
 class Instance:
     """One Tempesta FW server, known by its source address."""
 
-    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info", "run",
-                 "unwritten")
+    __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info",
+                 "run_at", "unwritten")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -181,10 +181,11 @@ class Instance:
         self.decoder = decoder
         self.system_info: SystemInfo | None = None
         #: Set by an observer that must see every line of this instance (an open incident).
-        #: With BufferRegistry.keep_unwritten, what came since the archive last took it: runs
-        #: of datagrams as they came, ``[received_at, datagram, ...]``, and tuples of lines
-        #: made otherwise; `run` is the run datagrams of this receive time go to.
-        self.run: list | None = None
+        #: With BufferRegistry.keep_unwritten, what came since the archive last took it, flat
+        #: (no container a datagram: the garbage collector would walk them): a receive time
+        #: (float) before the datagrams (bytes) of that time, as they came; tuples of lines
+        #: made otherwise. `run_at` is the receive time last put there.
+        self.run_at: float | None = None
         self.unwritten: list | None = None
 
     @property
@@ -297,20 +298,20 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
-            # For the archive, the datagram as it came: one line whole, in a run of the
-            # datagrams of one receive time (a read's), written as it is.
-            run = instance.run
-            if run is not None and run[0] == now:
-                run.append(data)
-            elif self.keep_unwritten:
-                # A new run, inlined: with many instances, nearly every datagram starts one.
-                instance.run = run = [now, data]
+            # For the archive, the datagram as it came: one line whole, after the receive
+            # time of its read, written as it is.
+            if self.keep_unwritten:
                 unwritten = instance.unwritten
                 if unwritten is None:
-                    instance.unwritten = [run]
+                    instance.unwritten = [now, data]
+                    instance.run_at = now
                     self._unwritten[address] = instance
+                elif instance.run_at == now:
+                    unwritten.append(data)
                 else:
-                    unwritten.append(run)
+                    unwritten.append(now)
+                    unwritten.append(data)
+                    instance.run_at = now
             if self.every_line:
                 self._to_every_line(instance, record)
                 return
@@ -368,7 +369,7 @@ class BufferRegistry:
         taken = []
         for instance in self._unwritten.values():
             taken.append((instance, instance.unwritten))
-            instance.unwritten = instance.run = None
+            instance.unwritten = instance.run_at = None
         self._unwritten = {}
         return taken
 
@@ -411,7 +412,7 @@ class BufferRegistry:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
         if self.keep_unwritten:
-            instance.run = None
+            instance.run_at = None
             self._unwritten_of(instance).append(tuple(lines))
         for observer in self.every_line:
             observer(instance, lines)

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from tempesta_ts import archive as archive_module
 from tempesta_ts.archive import RESTART_MARKER, Archive, archive_directory
+from tempesta_ts.archive_format import Stamps
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.config import Config, parse_flag
 from tempesta_ts.errors import StartupError
@@ -109,7 +110,7 @@ class WritingTests(ArchiveTestCase):
 
     def test_a_flush_takes_turns_with_the_reactor(self):
         self.patch(archive_module, "STEP_LINES", 100)
-        self.patch(archive_module, "WRITE_COST", 1)
+        self.patch(archive_module, "WRITE_COST", 0)
         turns = []
         # Each slice of the archive's work ends after one step: a reactor turn each.
         self.patch(archive_module, "_Slice", lambda: lambda: turns.append(self.stats["archive_lines"]) or True)
@@ -131,6 +132,20 @@ class WritingTests(ArchiveTestCase):
         self.clock.advance(1.0)
         self.assertEqual(turns[:10], [100 * n for n in range(1, 11)])
         self.assertEqual([int(line.split(",")[1]) for line in self.archived()], list(range(1, 1001)))
+
+    def test_a_run_cut_into_steps_keeps_its_receive_time_in_each_piece(self):
+        self.patch(archive_module, "STEP_LINES", 100)
+        self.start(max_bytes=10**6)
+        self.send("10.0.0.1", *[extended(seq) for seq in range(1, 251)])
+        received = self.clock.seconds()
+        self.clock.advance(0.5)
+        self.send("10.0.0.1", extended(251))
+        self.clock.advance(1.0)
+        lines = self.archived()
+        self.assertEqual(len(lines), 251)
+        stamps = {line.split(" ", 1)[0] for line in lines[:250]}
+        self.assertEqual(stamps, {Stamps().prefix(received).decode().strip()})
+        self.assertNotIn(lines[250].split(" ", 1)[0], stamps)
 
     def test_an_evicted_instance_has_its_last_lines_written(self):
         self.start(max_instances=2)
@@ -166,8 +181,9 @@ class WritingTests(ArchiveTestCase):
         self.start()
         self.send("10.0.0.1", *[extended(n) for n in range(1, 65)])
         instance = self.registry.get("10.0.0.1")
-        self.assertEqual(len(instance.unwritten), 1)
-        self.assertEqual(len(instance.unwritten[0]), 65)
+        # Its receive time once, then the datagrams: no container a datagram.
+        self.assertEqual(instance.unwritten[0], self.clock.seconds())
+        self.assertEqual(len(instance.unwritten), 65)
 
 
 class FullDiskTests(ArchiveTestCase):

@@ -87,8 +87,8 @@ class FormatTests(unittest.TestCase):
         self.assertEqual(read_back(text), lines)
 
     def test_what_an_instance_kept_is_written_in_order_runs_and_lines_alike(self):
-        entries = [[T, b"6,1,1,-;first\n", b"6,2,2,-;second\n"], (LogLine(T + 1, "made", 4, 3, 3),),
-                   [T + 2, b"[    1.000000] third\n"]]
+        entries = [T, b"6,1,1,-;first\n", b"6,2,2,-;second\n", (LogLine(T + 1, "made", 4, 3, 3),),
+                   T + 2, b"[    1.000000] third\n"]
         self.assertEqual([(line.text, round(line.received_at - T)) for line in
                           read_back(format_entries(entries, Stamps()))],
                          [("first", 0), ("second", 0), ("made", 1), ("third", 2)])
@@ -98,7 +98,7 @@ class FormatTests(unittest.TestCase):
         # each is still checked and stays one line.
         odd = [b"6,1,1,-;no newline", b"rel\nease,6,2,2,-;two newlines\n", b"6,3,3,-;nul\x00\n"]
         for datagrams in ([odd[0], odd[1]], [odd[2]], odd):
-            written = format_entries([[T, *datagrams]], Stamps())
+            written = format_entries([T, *datagrams], Stamps())
             self.assertEqual(written.count(b"\n"), len(datagrams), written)
             self.assertTrue(all(line is not None for line in read_back(written)), written)
 
@@ -108,7 +108,7 @@ class FormatTests(unittest.TestCase):
         datagrams = [d for d in datagrams if Decoder().record(d, T)]
         if not datagrams:
             return
-        written = format_entries([[T, *datagrams]], Stamps())
+        written = format_entries([T, *datagrams], Stamps())
         self.assertEqual(written.count(b"\n"), len(datagrams))
         self.assertEqual(read_back(written), [unpack_record(Decoder().record(d, T))[0] for d in datagrams])
 
