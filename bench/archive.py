@@ -89,6 +89,8 @@ def run(args, instances: int, directory: str | None) -> tuple[float, dict]:
     proto, clock, archive, stats = server(instances, directory, args.max_bytes)
     # Each instance's first line makes its file: not what a steady stream costs.
     feed(proto, clock, datagrams(instances, instances), args.batch, args.rate)
+    if archive is not None:
+        archive.flush()
     grams = datagrams(args.datagrams, instances)
     started = time.process_time()
     feed(proto, clock, grams, args.batch, args.rate)

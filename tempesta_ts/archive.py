@@ -23,6 +23,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_budget
+from tempesta_ts.archive_journal import Journal, mark, record
 from tempesta_ts.archive_format import (
     Stamps,
     address_of,
@@ -46,6 +47,15 @@ WRITE_COST = 100
 #: An instance with this many lines waiting or fewer has them written at once (their cost
 #: counted as if all were formatted by the server: a bound, not the price).
 SMALL_LINES = 40
+#: A flush of at most this many instances (with lines waiting or held back) writes each one's
+#: file: then every file is at most a second behind. With more, an instance's lines are held
+#: back (and in the journal within the second) until HOLD_BYTES of them wait, HOLD_SECONDS
+#: pass, or HOLD_MAX_BYTES are held in all: a write an instance a second would cost more than
+#: the lines (a system call and an inode update each; see docs/performance.md).
+DIRECT_INSTANCES = 256
+HOLD_BYTES = 16 * 1024
+HOLD_SECONDS = 10.0
+HOLD_MAX_BYTES = 64 * 1024 * 1024
 #: How long the archive's work may hold the reactor before it lets others run.
 SLICE_SECONDS = 0.005
 #: Lines taken from the instances and not written yet, all together; past it the oldest go
@@ -114,6 +124,19 @@ class Archive(service.Service):
             directory, max_bytes, keep, total_max_bytes, stats,
             max_names=max(10 * registry.max_instances, 10_000), write=write, max_open=max_open,
         )
+        self.journal = Journal(directory, write=write)
+        #: Address -> its archive lines held back from its file (in the journal), and how
+        #: many (no container an instance: the garbage collector would walk them).
+        self._held: dict[str, bytearray] = {}
+        self._held_count: dict[str, int] = {}
+        self._held_bytes = 0
+        self._held_lines = 0
+        #: When the journal got its first record since it was last emptied.
+        self._held_since: float | None = None
+        #: What the flush under way puts in the journal: records and marks, in order.
+        self._journal_entries: list[bytes] = []
+        #: Set at stop: the flush writes everything to the files.
+        self._write_all = False
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = clock
         self._cooperator: task.Cooperator | None = None
@@ -164,8 +187,9 @@ class Archive(service.Service):
 
     @property
     def pending_lines(self) -> int:
-        """Lines taken from the instances and not written yet."""
-        return self._queued
+        """Lines taken from the instances and not in their files yet (the held ones are in
+        the journal)."""
+        return self._queued + self._held_lines
 
     # Start and stop.
 
@@ -180,6 +204,7 @@ class Archive(service.Service):
             # The server runs without it: ingest matters more than its copy on disk.
             self._trouble(f"cannot use {self.directory} ({e.strerror})", "prepare")
         else:
+            self.replay()
             self.restore()
         if self.files.max_open < self.registry.max_instances:
             self.log.warn(
@@ -210,13 +235,18 @@ class Archive(service.Service):
             self.stats["timer_errors"] += 1
             self.log.failure("Failed to write the archive at stop")
         self.files.close()
+        self.journal.close()
 
     def flush(self) -> None:
         """Write every unwritten line now, in one go (at stop)."""
         self._take()
         if self.files.ready or self._retry_prepare():
-            for _ in self._steps():
-                pass
+            self._write_all = True
+            try:
+                for _ in self._steps():
+                    pass
+            finally:
+                self._write_all = False
 
     # The hooks.
 
@@ -231,7 +261,11 @@ class Archive(service.Service):
     def _tick(self) -> None:
         try:
             self._take()
-            if self._flushing is None and self._queue and (self.files.ready or self._retry_prepare()):
+            # Lines held back go to their files in time even when nothing else comes.
+            due = self._held_since is not None and (
+                self.clock.seconds() - self._held_since >= HOLD_SECONDS)
+            if (self._flushing is None and (self._queue or due)
+                    and (self.files.ready or self._retry_prepare())):
                 self._errors_in_flush = 0
                 self._flushing = self._cooperator.cooperate(self._steps()).whenDone()
                 self._flushing.addBoth(self._flushed)
@@ -285,6 +319,13 @@ class Archive(service.Service):
         flush: under a flood the bounds are still kept each second.)"""
         queue = self._queue
         budget = STEP_LINES
+        now = self.clock.seconds()
+        hold = (
+            not self._write_all
+            and len(queue) > DIRECT_INSTANCES
+            and self._held_bytes < HOLD_MAX_BYTES
+            and (self._held_since is None or now - self._held_since < HOLD_SECONDS)
+        )
         for _ in range(len(queue)):
             if not queue:
                 break
@@ -292,7 +333,11 @@ class Archive(service.Service):
             self._queued -= count
             if count <= SMALL_LINES:
                 # Nearly always, with many instances: a few lines each, written at once.
-                self._write(address, format_entries(entries, self._stamps), count)
+                data = format_entries(entries, self._stamps)
+                if hold:
+                    self._hold(address, data, count)
+                else:
+                    self._write(address, data, count)
                 budget -= count * FORMAT_COST + WRITE_COST
                 if budget <= 0:
                     budget = STEP_LINES
@@ -300,7 +345,7 @@ class Archive(service.Service):
                 continue
             # A long one in pieces, each of which starts with its receive time.
             start = count = 0
-            at = now = None
+            at = current = None
             for n, entry in enumerate(entries, 1):
                 kind = type(entry)
                 if kind is bytes:
@@ -310,13 +355,13 @@ class Archive(service.Service):
                     count += len(entry)
                     budget -= len(entry) * FORMAT_COST
                 else:
-                    now = entry
+                    current = entry
                 if budget <= 0 or n == len(entries):
                     piece = entries[start:n]
                     if at is not None and type(piece[0]) is bytes:
                         piece.insert(0, at)
                     self._write(address, format_entries(piece, self._stamps), count)
-                    start, count, at = n, 0, now
+                    start, count, at = n, 0, current
                 if budget <= 0:
                     budget = STEP_LINES
                     yield
@@ -324,11 +369,69 @@ class Archive(service.Service):
             if budget <= 0:
                 budget = STEP_LINES
                 yield
+        if hold:
+            self._append_journal()
+        else:
+            # Everything held goes to its file; then the journal is emptied.
+            for address in list(self._held):
+                self._write(address, b"", 0)
+                budget -= WRITE_COST
+                if budget <= 0:
+                    budget = STEP_LINES
+                    yield
+            self._empty_journal()
         self.files.enforce()
         self._check_files()
         self._compress()
 
+    def _hold(self, address: str, data: bytes, count: int) -> None:
+        """Keep an instance's lines from its file a while; in the journal meanwhile."""
+        held = self._held.get(address)
+        if held is None:
+            held = self._held[address] = bytearray(data)
+            self._held_count[address] = count
+        else:
+            held += data
+            self._held_count[address] += count
+        self._held_bytes += len(data)
+        self._held_lines += count
+        self._journal_entries.append(record(address, data))
+        self._journal_entries.append(data)
+        if len(held) >= HOLD_BYTES:
+            self._write(address, b"", 0)
+
+    def _append_journal(self) -> None:
+        entries, self._journal_entries = self._journal_entries, []
+        try:
+            self.journal.append(entries)
+        except OSError as e:
+            # What is held stays in memory and goes to the files all the same.
+            self.stats["archive_write_errors"] += 1
+            self._errors_in_flush += 1
+            self._trouble(f"cannot write {self.journal.path} ({e.strerror})", "journal")
+        if self._held and self._held_since is None:
+            self._held_since = self.clock.seconds()
+
+    def _empty_journal(self) -> None:
+        # Nothing is held now (what could not be written was dropped, counted).
+        self._held_since = None
+        self._journal_entries = []
+        try:
+            self.journal.clear()
+        except OSError as e:
+            self.stats["archive_write_errors"] += 1
+            self._trouble(f"cannot empty {self.journal.path} ({e.strerror})", "journal")
+
     def _write(self, address: str, data: bytes, count: int) -> None:
+        held = self._held.pop(address, None)
+        if held is not None:
+            # What was held back goes first, and the journal is told it is in the file.
+            held_count = self._held_count.pop(address)
+            self._held_bytes -= len(held)
+            self._held_lines -= held_count
+            held += data
+            data, count = held, count + held_count
+            self._journal_entries.append(mark(address))
         try:
             self.files.append(address, data, self.clock.seconds())
         except OSError as e:
@@ -405,6 +508,38 @@ class Archive(service.Service):
             self.log.failure("Archive: failed in {what}", what=what)
 
     # Restore.
+
+    def replay(self) -> int:
+        """Write to their files the lines the journal holds (held back when the process was
+        killed); the lines written."""
+        lines = instances = 0
+        try:
+            held = self.journal.read()
+        except OSError as e:
+            self.stats["archive_read_errors"] += 1
+            self._trouble(f"cannot read {self.journal.path} ({e.strerror})", "journal")
+            return 0
+        complete = True
+        for address, data in held:
+            if not data or not _is_address(address, file_name(address)):
+                continue
+            try:
+                self.files.append(address, data, self.clock.seconds())
+            except OSError as e:
+                complete = False
+                self.stats["archive_write_errors"] += 1
+                self._trouble(f"cannot write {self.files.path(file_name(address))} "
+                              f"({e.strerror})", "write")
+                continue
+            instances += 1
+            lines += data.count(b"\n")
+        if complete:
+            self._empty_journal()
+        if lines:
+            self.stats["archive_lines"] += lines
+            self.log.info("Archive: {lines} lines of {instances} instances written from the "
+                          "journal to their files", lines=lines, instances=instances)
+        return lines
 
     def restore(self) -> int:
         """Rebuild the buffers from the archive's ends, the instances written most recently

@@ -1,0 +1,159 @@
+"""The archive's journal: with many instances, lines held back from their files are on disk
+within a second all the same, and a kill loses none of them."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from twisted.logger import LogLevel
+from twisted.trial import unittest
+
+from tempesta_ts import archive as archive_module
+from tempesta_ts.archive import RESTART_MARKER, Archive
+from tempesta_ts.archive_journal import NAME, Journal, mark, record
+from tempesta_ts.buffers import BufferRegistry
+from tempesta_ts.files import NotRegularFile
+from tempesta_ts.metrics import KNOWN_STATS
+from tests.test_archive import ArchiveTestCase, extended
+
+ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+class JournalFileTests(unittest.TestCase):
+    """The file itself: records, marks, a damaged end, no link followed."""
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory, mode=0o700)
+
+    def test_records_read_back_less_what_is_marked_written(self):
+        journal = Journal(self.directory)
+        one, two = b"2026-11-30T10:00:00.000000Z one\n", b"2026-11-30T10:00:01.000000Z two\n"
+        journal.append([record("10.0.0.1", one), one, record("10.0.0.2", one), one])
+        journal.append([mark("10.0.0.1"), record("10.0.0.1", two), two,
+                        record("10.0.0.2", two), two])
+        journal.close()
+        self.assertEqual(Journal(self.directory).read(), [("10.0.0.2", one + two), ("10.0.0.1", two)])
+
+    def test_a_damaged_end_is_left_out(self):
+        journal = Journal(self.directory)
+        line = b"2026-11-30T10:00:00.000000Z whole\n"
+        journal.append([record("10.0.0.1", line), line])
+        journal.close()
+        with open(os.path.join(self.directory, NAME), "ab") as f:
+            f.write(b"+10.0.0.2 500\n2026-11-30T10:00:00.000000Z cut sho")
+        self.assertEqual(Journal(self.directory).read(), [("10.0.0.1", line)])
+
+    def test_emptied_it_holds_nothing(self):
+        journal = Journal(self.directory)
+        line = b"2026-11-30T10:00:00.000000Z line\n"
+        journal.append([record("10.0.0.1", line), line])
+        journal.clear()
+        self.assertEqual(os.path.getsize(journal.path), 0)
+        self.assertEqual(journal.read(), [])
+
+    def test_a_link_planted_as_the_journal_is_not_followed(self):
+        target = os.path.join(self.directory, "elsewhere")
+        open(target, "w").close()
+        os.symlink(target, os.path.join(self.directory, NAME))
+        with self.assertRaises(NotRegularFile):
+            Journal(self.directory).append([b"+10.0.0.1 0\n"])
+        self.assertEqual(os.path.getsize(target), 0)
+
+
+class HeldLinesTests(ArchiveTestCase):
+    """More instances than DIRECT_INSTANCES: lines held, journaled, written in time."""
+
+    def setUp(self):
+        super().setUp()
+        self.patch(archive_module, "DIRECT_INSTANCES", 2)
+
+    def send_all(self, first: int, count: int = 1) -> None:
+        for address in ADDRESSES:
+            self.send(address, *[extended(seq) for seq in range(first, first + count)])
+
+    def journal(self) -> list[tuple[str, bytes]]:
+        return Journal(self.directory).read()
+
+    def test_lines_are_in_the_journal_within_a_second_and_in_their_files_later(self):
+        self.start()
+        self.send_all(1, 3)
+        self.clock.advance(1.0)
+        self.assertEqual([self.archived(address) for address in ADDRESSES], [[], [], []])
+        self.assertEqual([(address, data.count(b"\n")) for address, data in self.journal()],
+                         [(address, 3) for address in ADDRESSES])
+        # Nothing more comes: the held lines go to their files all the same.
+        self.clock.pump([1.0] * int(archive_module.HOLD_SECONDS + 1))
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 3, 3])
+        self.assertEqual(self.journal(), [])
+        self.assertEqual(self.stats["archive_lines"], 9)
+
+    def test_a_kill_loses_no_held_line(self):
+        self.start()
+        self.send_all(1, 5)
+        self.clock.advance(1.0)
+        # A kill: no stop. The next start writes the journal to the files, then restores.
+        self.stats = dict.fromkeys(KNOWN_STATS, 0)
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [5, 5, 5])
+        self.assertEqual(self.journal(), [])
+        texts = [line.text for line in registry.get("10.0.0.2").buffer]
+        self.assertEqual(texts, ["tfw: request processed"] * 5 + [RESTART_MARKER])
+        self.assertIn("15 lines of 3 instances written from the journal",
+                      self.logged(LogLevel.info)[0])
+
+    def test_an_instance_with_enough_held_is_written_at_once_and_never_twice(self):
+        self.patch(archive_module, "HOLD_BYTES", 200)
+        self.start()
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.send("10.0.0.1", *[extended(seq) for seq in range(2, 6)])
+        self.send_all(6)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.archived("10.0.0.1")), 6)
+        self.assertEqual([address for address, _ in self.journal()], ["10.0.0.2", "10.0.0.3"])
+        # A kill now, and a start: 10.0.0.1's lines are not written again.
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [6, 2, 2])
+
+    def test_a_stop_writes_the_held_lines_and_empties_the_journal(self):
+        archive = self.start()
+        self.send_all(1, 2)
+        self.clock.advance(1.0)
+        self.send_all(3)
+        archive.stopService()
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 3, 3])
+        self.assertEqual(self.journal(), [])
+
+    def test_few_instances_again_have_their_files_written_each_second(self):
+        self.start()
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.send("10.0.0.1", extended(2))
+        self.clock.advance(1.0)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 1, 1])
+        self.assertEqual(self.journal(), [])
+
+    def test_a_journal_that_cannot_be_written_keeps_the_lines_for_their_files(self):
+        journal_path = os.path.join(self.directory, NAME)
+
+        def no_journal(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}") == journal_path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
+
+        self.start(write=no_journal)
+        self.send_all(1, 2)
+        self.clock.advance(1.0)
+        self.assertEqual(self.stats["archive_write_errors"], 1)
+        self.assertIn("cannot write " + journal_path, self.logged(LogLevel.error)[0])
+        self.clock.pump([1.0] * int(archive_module.HOLD_SECONDS + 1))
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.assertEqual(self.stats["archive_lines_dropped"], 0)
