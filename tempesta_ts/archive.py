@@ -11,7 +11,6 @@ docs/operations.md describes the files.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import resource
 import time
@@ -28,6 +27,8 @@ from tempesta_ts.archive_format import (
     Stamps,
     address_of,
     archive_directory,
+    count_lines,
+    is_address_name,
     file_name,
     format_entries,
 )
@@ -67,27 +68,6 @@ RESTORE_SECONDS = 30.0
 NOTICE_SECONDS = 60.0
 #: The line put after the lines restored from the archive, in the buffer and so in reports.
 RESTART_MARKER = "tempesta-ts: restarted; lines above are from the archive"
-
-
-def _lines(entries: list) -> int:
-    # A datagram (bytes) is a line, a tuple holds lines, a receive time (float) none.
-    count = 0
-    for entry in entries:
-        kind = type(entry)
-        if kind is bytes:
-            count += 1
-        elif kind is tuple:
-            count += len(entry)
-    return count
-
-
-def _is_address(address: str, name: str) -> bool:
-    """Whether a file's name is that of a source address (not a file put there by hand)."""
-    try:
-        ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return False
-    return file_name(address) == name
 
 
 class _Slice:
@@ -286,7 +266,7 @@ class Archive(service.Service):
                           "dropped: the disk is slower than the traffic")
 
     def _enqueue(self, address: str, entries: list) -> None:
-        count = _lines(entries)
+        count = count_lines(entries)
         self._queue.append((address, entries, count))
         self._queued += count
 
@@ -521,7 +501,7 @@ class Archive(service.Service):
             return 0
         complete = True
         for address, data in held:
-            if not data or not _is_address(address, file_name(address)):
+            if not data or not is_address_name(address, file_name(address)):
                 continue
             try:
                 self.files.append(address, data, self.clock.seconds())
@@ -564,7 +544,7 @@ class Archive(service.Service):
                     "they start empty", left=len(candidates) - left, limit=RESTORE_SECONDS)
                 break
             address = address_of(name)
-            if registry.get(address) is not None or not _is_address(address, name):
+            if registry.get(address) is not None or not is_address_name(address, name):
                 continue
             try:
                 lines, _ = self.files.tail(name, max_lines, max_bytes)

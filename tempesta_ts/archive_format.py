@@ -18,6 +18,7 @@ log escapes it (`tempesta_ts.log.escape`). Pure code: no Twisted, no disk.
 from __future__ import annotations
 
 import calendar
+import ipaddress
 import os
 import re
 import time
@@ -291,3 +292,25 @@ def archive_directory(config) -> str | None:
     if config.archive_dir is None:
         return os.path.join(config.spool_dir, "archive")
     return config.archive_dir or None
+
+
+def count_lines(entries: list) -> int:
+    """The lines of what an instance kept (`format_entries`)."""
+    # A datagram (bytes) is a line, a tuple holds lines, a receive time (float) none.
+    count = 0
+    for entry in entries:
+        kind = type(entry)
+        if kind is bytes:
+            count += 1
+        elif kind is tuple:
+            count += len(entry)
+    return count
+
+
+def is_address_name(address: str, name: str) -> bool:
+    """Whether a file's name is that of a source address (not a file put there by hand)."""
+    try:
+        ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    return file_name(address) == name
