@@ -22,7 +22,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_budget
-from tempesta_ts.archive_journal import Journal, mark, record
+from tempesta_ts.archive_journal import HeldLines, Journal, mark, record
 from tempesta_ts.archive_format import (
     Stamps,
     address_of,
@@ -105,18 +105,16 @@ class Archive(service.Service):
             max_names=max(10 * registry.max_instances, 10_000), write=write, max_open=max_open,
         )
         self.journal = Journal(directory, write=write)
-        #: Address -> its archive lines held back from its file (in the journal), and how
-        #: many (no container an instance: the garbage collector would walk them).
-        self._held: dict[str, bytearray] = {}
-        self._held_count: dict[str, int] = {}
-        self._held_bytes = 0
-        self._held_lines = 0
-        #: When the journal got its first record since it was last emptied.
-        self._held_since: float | None = None
+        #: Lines held back from their files (in the journal).
+        self._held = HeldLines()
         #: What the flush under way puts in the journal: records and marks, in order.
         self._journal_entries: list[bytes] = []
         #: Set at stop: the flush writes everything to the files.
         self._write_all = False
+        #: The journal the last run left was written to the files (`replay`).
+        self._replayed = False
+        #: The flush under way: a stop finishes it (a cut one would lose the rest).
+        self._running: Iterator[None] | None = None
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = clock
         self._cooperator: task.Cooperator | None = None
@@ -169,7 +167,7 @@ class Archive(service.Service):
     def pending_lines(self) -> int:
         """Lines taken from the instances and not in their files yet (the held ones are in
         the journal)."""
-        return self._queued + self._held_lines
+        return self._queued + self._held.lines
 
     # Start and stop.
 
@@ -219,6 +217,11 @@ class Archive(service.Service):
 
     def flush(self) -> None:
         """Write every unwritten line now, in one go (at stop)."""
+        running, self._running = self._running, None
+        if running is not None:
+            # A flush cut by the stop: the rest of it first, in order.
+            for _ in running:
+                pass
         self._take()
         if self.files.ready or self._retry_prepare():
             self._write_all = True
@@ -242,12 +245,13 @@ class Archive(service.Service):
         try:
             self._take()
             # Lines held back go to their files in time even when nothing else comes.
-            due = self._held_since is not None and (
-                self.clock.seconds() - self._held_since >= HOLD_SECONDS)
+            since = self._held.since
+            due = since is not None and self.clock.seconds() - since >= HOLD_SECONDS
             if (self._flushing is None and (self._queue or due)
                     and (self.files.ready or self._retry_prepare())):
                 self._errors_in_flush = 0
-                self._flushing = self._cooperator.cooperate(self._steps()).whenDone()
+                self._running = self._steps()
+                self._flushing = self._cooperator.cooperate(self._running).whenDone()
                 self._flushing.addBoth(self._flushed)
         except Exception:
             self._failure("flush")
@@ -281,10 +285,14 @@ class Archive(service.Service):
             self._queue.clear()
             self._queued = 0
             return False
+        if not self._replayed:
+            self.replay()
         return True
 
     def _flushed(self, result) -> None:
         self._flushing = None
+        if not isinstance(result, Failure) or result.check(task.SchedulerStopped) is None:
+            self._running = None
         if isinstance(result, Failure):
             self._step_failed(result, "flush")
         elif self._errors_in_flush == 0 and self._problem is not None:
@@ -303,8 +311,9 @@ class Archive(service.Service):
         hold = (
             not self._write_all
             and len(queue) > DIRECT_INSTANCES
-            and self._held_bytes < HOLD_MAX_BYTES
-            and (self._held_since is None or now - self._held_since < HOLD_SECONDS)
+            and self._held.bytes < HOLD_MAX_BYTES
+            and self.journal.size < HOLD_MAX_BYTES
+            and (self._held.since is None or now - self._held.since < HOLD_SECONDS)
         )
         for _ in range(len(queue)):
             if not queue:
@@ -321,6 +330,7 @@ class Archive(service.Service):
                 budget -= count * FORMAT_COST + WRITE_COST
                 if budget <= 0:
                     budget = STEP_LINES
+                    self._journal_out()
                     yield
                 continue
             # A long one in pieces, each of which starts with its receive time.
@@ -344,20 +354,23 @@ class Archive(service.Service):
                     start, count, at = n, 0, current
                 if budget <= 0:
                     budget = STEP_LINES
+                    self._journal_out()
                     yield
             budget -= WRITE_COST
             if budget <= 0:
                 budget = STEP_LINES
+                self._journal_out()
                 yield
         if hold:
-            self._append_journal()
+            self._journal_out()
         else:
             # Everything held goes to its file; then the journal is emptied.
-            for address in list(self._held):
+            for address in self._held.addresses():
                 self._write(address, b"", 0)
                 budget -= WRITE_COST
                 if budget <= 0:
                     budget = STEP_LINES
+                    self._journal_out()
                     yield
             self._empty_journal()
         self.files.enforce()
@@ -366,51 +379,47 @@ class Archive(service.Service):
 
     def _hold(self, address: str, data: bytes, count: int) -> None:
         """Keep an instance's lines from its file a while; in the journal meanwhile."""
-        held = self._held.get(address)
-        if held is None:
-            held = self._held[address] = bytearray(data)
-            self._held_count[address] = count
-        else:
-            held += data
-            self._held_count[address] += count
-        self._held_bytes += len(data)
-        self._held_lines += count
         self._journal_entries.append(record(address, data))
         self._journal_entries.append(data)
-        if len(held) >= HOLD_BYTES:
+        if self._held.add(address, data, count, self.clock.seconds()) >= HOLD_BYTES:
             self._write(address, b"", 0)
 
-    def _append_journal(self) -> None:
+    def _journal_out(self) -> None:
+        """Write to the journal what the flush gathered so far (at each step: a kill in the
+        middle of a flush finds the marks of what reached the files)."""
         entries, self._journal_entries = self._journal_entries, []
+        if not entries:
+            return
         try:
             self.journal.append(entries)
         except OSError as e:
-            # What is held stays in memory and goes to the files all the same.
+            # What is held stays in memory and goes to the files all the same; the marks
+            # wait for the next write (a record's header starts "+", a mark "=", lines a digit).
+            self._journal_entries = [entry for entry in entries if entry[:1] == b"="]
             self.stats["archive_write_errors"] += 1
             self._errors_in_flush += 1
             self._trouble(f"cannot write {self.journal.path} ({e.strerror})", "journal")
-        if self._held and self._held_since is None:
-            self._held_since = self.clock.seconds()
 
     def _empty_journal(self) -> None:
-        # Nothing is held now (what could not be written was dropped, counted).
-        self._held_since = None
-        self._journal_entries = []
+        # Nothing is held now (what could not be written was dropped, counted); until the
+        # journal left by the last run was written to the files, it stays.
+        if not self._replayed:
+            self._journal_out()
+            return
         try:
             self.journal.clear()
         except OSError as e:
             self.stats["archive_write_errors"] += 1
             self._trouble(f"cannot empty {self.journal.path} ({e.strerror})", "journal")
+            self._journal_out()
+        else:
+            self._journal_entries = []
 
     def _write(self, address: str, data: bytes, count: int) -> None:
-        held = self._held.pop(address, None)
+        held = self._held.pop(address)
         if held is not None:
             # What was held back goes first, and the journal is told it is in the file.
-            held_count = self._held_count.pop(address)
-            self._held_bytes -= len(held)
-            self._held_lines -= held_count
-            held += data
-            data, count = held, count + held_count
+            data, count = held[0] + data, count + held[1]
             self._journal_entries.append(mark(address))
         try:
             self.files.append(address, data, self.clock.seconds())
@@ -491,29 +500,34 @@ class Archive(service.Service):
 
     def replay(self) -> int:
         """Write to their files the lines the journal holds (held back when the process was
-        killed); the lines written."""
+        killed); the lines written. What cannot be written is held, to be tried again."""
+        self._replayed = True
         lines = instances = 0
         try:
             held = self.journal.read()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             self.stats["archive_read_errors"] += 1
-            self._trouble(f"cannot read {self.journal.path} ({e.strerror})", "journal")
+            self._trouble(f"cannot read {self.journal.path} ({e})", "journal")
             return 0
-        complete = True
+        now = self.clock.seconds()
         for address, data in held:
             if not data or not is_address_name(address, file_name(address)):
+                self._journal_entries.append(mark(address))
                 continue
             try:
-                self.files.append(address, data, self.clock.seconds())
+                self.files.append(address, data, now)
             except OSError as e:
-                complete = False
                 self.stats["archive_write_errors"] += 1
                 self._trouble(f"cannot write {self.files.path(file_name(address))} "
                               f"({e.strerror})", "write")
+                self._held.add(address, data, data.count(b"\n"), now)
                 continue
+            self._journal_entries.append(mark(address))
             instances += 1
             lines += data.count(b"\n")
-        if complete:
+        if self._held:
+            self._journal_out()
+        else:
             self._empty_journal()
         if lines:
             self.stats["archive_lines"] += lines

@@ -83,7 +83,9 @@ def descriptor_budget(wanted: int, reserved: int = RESERVED_FILES) -> int:
     wanted = min(wanted, OPEN_FILES)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted + reserved:
-        target = wanted + reserved if hard == resource.RLIM_INFINITY else min(hard, wanted + reserved)
+        target = wanted + reserved
+        if hard != resource.RLIM_INFINITY:
+            target = min(hard, target)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target

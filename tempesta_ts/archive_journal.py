@@ -90,7 +90,7 @@ class Journal:
                 position = end + 1
                 continue
             address, _, length = header.rpartition(" ")
-            if kind != b"+" or not address or not length.isdigit():
+            if kind != b"+" or not address or not (length.isascii() and length.isdigit()):
                 break
             body = data[end + 1 : end + 1 + int(length)]
             if len(body) != int(length):
@@ -112,3 +112,51 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class HeldLines:
+    """Archive lines held back from their instances' files, by address, with their count
+    (a bytearray and an int each: no container an instance for the garbage collector)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytearray] = {}
+        self._counts: dict[str, int] = {}
+        #: Bytes and lines held in all.
+        self.bytes = 0
+        self.lines = 0
+        #: When the first of them was held (None when none is).
+        self.since: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def addresses(self) -> list[str]:
+        """The addresses with lines held, first held first."""
+        return list(self._data)
+
+    def add(self, address: str, data: bytes, count: int, now: float) -> int:
+        """Hold `count` lines for an address; the bytes it now has held."""
+        held = self._data.get(address)
+        if held is None:
+            held = self._data[address] = bytearray(data)
+            self._counts[address] = count
+        else:
+            held += data
+            self._counts[address] += count
+        self.bytes += len(data)
+        self.lines += count
+        if self.since is None:
+            self.since = now
+        return len(held)
+
+    def pop(self, address: str) -> tuple[bytearray, int] | None:
+        """What an address has held, and how many lines, taken; None when nothing."""
+        held = self._data.pop(address, None)
+        if held is None:
+            return None
+        count = self._counts.pop(address)
+        self.bytes -= len(held)
+        self.lines -= count
+        if not self._data:
+            self.since = None
+        return held, count

@@ -147,6 +147,17 @@ class WritingTests(ArchiveTestCase):
         self.assertEqual(stamps, {Stamps().prefix(received).decode().strip()})
         self.assertNotIn(lines[250].split(" ", 1)[0], stamps)
 
+    def test_a_stop_in_the_middle_of_a_flush_finishes_it_in_order(self):
+        self.patch(archive_module, "STEP_LINES", 100)
+        archive = self.start(max_bytes=10**6)
+        self.send("10.0.0.1", *[extended(seq) for seq in range(1, 501)])
+        archive._take()
+        archive._running = archive._steps()
+        next(archive._running)
+        self.send("10.0.0.1", extended(501))
+        archive.stopService()
+        self.assertEqual([int(line.split(",")[1]) for line in self.archived()], list(range(1, 502)))
+
     def test_an_evicted_instance_has_its_last_lines_written(self):
         self.start(max_instances=2)
         self.send("10.0.0.1", extended(1, "before eviction"))

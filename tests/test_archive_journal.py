@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
+from twisted.internet import task
 from twisted.logger import LogLevel
 from twisted.trial import unittest
 
@@ -73,6 +74,9 @@ class HeldLinesTests(ArchiveTestCase):
         for address in ADDRESSES:
             self.send(address, *[extended(seq) for seq in range(first, first + count)])
 
+    def journal_path(self) -> str:
+        return os.path.join(self.directory, NAME)
+
     def journal(self) -> list[tuple[str, bytes]]:
         return Journal(self.directory).read()
 
@@ -123,6 +127,71 @@ class HeldLinesTests(ArchiveTestCase):
         self.addCleanup(again.stopService)
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [6, 2, 2])
 
+    def test_past_the_bound_of_what_is_held_everything_goes_to_the_files(self):
+        # Three lines held are 186 bytes, their journal 225.
+        self.patch(archive_module, "HOLD_MAX_BYTES", 150)
+        self.start()
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.journal()), 3)
+        self.send_all(2)
+        self.clock.advance(1.0)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.assertEqual(self.journal(), [])
+
+    def test_past_the_bound_of_the_journal_everything_goes_to_the_files(self):
+        self.patch(archive_module, "HOLD_MAX_BYTES", 200)
+        self.start()
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.send_all(2)
+        self.clock.advance(1.0)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.assertEqual(self.journal(), [])
+
+    def test_a_kill_in_the_middle_of_writing_the_held_lines_writes_none_twice(self):
+        self.patch(archive_module, "STEP_LINES", 10)
+        self.patch(archive_module, "WRITE_COST", 10)
+        archive = self.start()
+        self.send_all(1, 2)
+        self.clock.advance(1.0)
+        # Few instances: the next flush writes the held lines, a file a step; the kill comes
+        # after its first step.
+        archive._loop.stop()
+        self.send("10.0.0.1", extended(3))
+        archive._take()
+        next(archive._steps())
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 0, 0])
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, task.Clock(), self.stats, 64 * 1024, 3, 10**9)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 2, 2])
+
+    def test_a_journal_the_start_cannot_write_stays_held_and_is_written_later(self):
+        killed = self.start()
+        self.send_all(1, 2)
+        self.clock.advance(1.0)
+        killed._loop.stop()
+        failing = {"on": True}
+
+        def full(fd, data):
+            if failing["on"] and os.fstat(fd).st_ino != os.stat(self.journal_path()).st_ino:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
+
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9,
+                        write=full)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertEqual(again.pending_lines, 6)
+        self.assertEqual(len(self.journal()), 3)
+        failing["on"] = False
+        self.clock.pump([1.0] * int(archive_module.HOLD_SECONDS + 1))
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.assertEqual(self.journal(), [])
+
     def test_a_stop_writes_the_held_lines_and_empties_the_journal(self):
         archive = self.start()
         self.send_all(1, 2)
@@ -142,10 +211,10 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertEqual(self.journal(), [])
 
     def test_a_journal_that_cannot_be_written_keeps_the_lines_for_their_files(self):
-        journal_path = os.path.join(self.directory, NAME)
+        journal_path = self.journal_path()
 
         def no_journal(fd, data):
-            if os.readlink(f"/proc/self/fd/{fd}") == journal_path:
+            if os.path.exists(journal_path) and os.fstat(fd).st_ino == os.stat(journal_path).st_ino:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return os.write(fd, data)
 
