@@ -74,6 +74,15 @@ class HeldLinesTests(ArchiveTestCase):
         for address in ADDRESSES:
             self.send(address, *[extended(seq) for seq in range(first, first + count)])
 
+    def restart(self, clock=None, write=os.write) -> Archive:
+        """Another archive on the same directory, as a start after a kill makes it."""
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, clock or self.clock, self.stats, 64 * 1024, 3,
+                        10**9, write=write)
+        again.startService()
+        self.addCleanup(again.stopService)
+        return again
+
     def journal_path(self) -> str:
         return os.path.join(self.directory, NAME)
 
@@ -99,10 +108,8 @@ class HeldLinesTests(ArchiveTestCase):
         self.clock.advance(1.0)
         # A kill: no stop. The next start writes the journal to the files, then restores.
         self.stats = dict.fromkeys(KNOWN_STATS, 0)
-        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
-        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9)
-        again.startService()
-        self.addCleanup(again.stopService)
+        again = self.restart()
+        registry = again.registry
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [5, 5, 5])
         self.assertEqual(self.journal(), [])
         texts = [line.text for line in registry.get("10.0.0.2").buffer]
@@ -121,10 +128,7 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertEqual(len(self.archived("10.0.0.1")), 6)
         self.assertEqual([address for address, _ in self.journal()], ["10.0.0.2", "10.0.0.3"])
         # A kill now, and a start: 10.0.0.1's lines are not written again.
-        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
-        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9)
-        again.startService()
-        self.addCleanup(again.stopService)
+        self.restart()
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [6, 2, 2])
 
     def test_past_the_bound_of_what_is_held_everything_goes_to_the_files(self):
@@ -162,10 +166,7 @@ class HeldLinesTests(ArchiveTestCase):
         archive._take()
         next(archive._steps())
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 0, 0])
-        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
-        again = Archive(self.directory, registry, task.Clock(), self.stats, 64 * 1024, 3, 10**9)
-        again.startService()
-        self.addCleanup(again.stopService)
+        self.restart(clock=task.Clock())
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 2, 2])
 
     def test_a_journal_the_start_cannot_write_stays_held_and_is_written_later(self):
@@ -180,11 +181,7 @@ class HeldLinesTests(ArchiveTestCase):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return os.write(fd, data)
 
-        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
-        again = Archive(self.directory, registry, self.clock, self.stats, 64 * 1024, 3, 10**9,
-                        write=full)
-        again.startService()
-        self.addCleanup(again.stopService)
+        again = self.restart(write=full)
         self.assertEqual(again.pending_lines, 6)
         self.assertEqual(len(self.journal()), 3)
         failing["on"] = False
