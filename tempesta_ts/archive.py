@@ -160,8 +160,8 @@ class Archive(service.Service):
 
     @property
     def bytes(self) -> int:
-        """Bytes the archive's files take on disk."""
-        return self.files.total
+        """Bytes the archive's files and its journal take on disk."""
+        return self.files.total + self.journal.size
 
     @property
     def pending_lines(self) -> int:

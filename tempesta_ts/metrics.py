@@ -291,6 +291,17 @@ class ServerCollector(Collector):
                 PREFIX + "clickhouse_queued_rows", "Rows waiting to be sent to ClickHouse.",
                 value=snapshot.clickhouse_queued_rows,
             )
+        if snapshot.archive_bytes is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "archive_bytes", "Bytes of the archive's files and journal on disk.",
+                value=snapshot.archive_bytes,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "archive_pending_lines",
+                "Lines the archive took that are not in their file yet: waiting for their "
+                "write, or held back and in the journal (more than 256 instances at once).",
+                value=snapshot.archive_pending_lines,
+            )
 
     def _instances(self, snapshot: Snapshot) -> Iterator[Metric]:
         lines = buffered = lost = 0

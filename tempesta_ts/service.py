@@ -282,6 +282,7 @@ class TroubleshootingService(service.MultiService):
             config, reactor, service=self, listeners=self.listeners, udp=self.udp, tcp=self.tcp,
             registry=self.registry, tracker=self.tracker, sink=self.sink, spool=self.spool,
             reporter=self.reporter, degradations=self.degradations, clickhouse=self.clickhouse,
+            archive=self.archive,
         )
         #: Other parts that take reloaded settings live: each has ``reconfigure(config)`` and
         #: adds its keys to reload.RELOADABLE (the archive, ClickHouse, redactions).

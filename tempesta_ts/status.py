@@ -156,6 +156,10 @@ class Snapshot:
     degraded: tuple[Mapping[str, Any], ...] = ()
     #: Rows waiting for ClickHouse; None when it is off.
     clickhouse_queued_rows: int | None = None
+    #: The archive's bytes on disk and its lines not in their files yet (waiting, or held
+    #: and journaled); None when it is off.
+    archive_bytes: int | None = None
+    archive_pending_lines: int | None = None
 
 
 def support_url(config) -> str | None:
@@ -194,7 +198,8 @@ class StatusSource:
     """Reads the server's parts into a `Snapshot`; calling it makes one."""
 
     def __init__(self, config, clock, *, service, listeners, udp, tcp, registry, tracker,
-                 sink, spool, reporter=None, degradations=None, clickhouse=None) -> None:
+                 sink, spool, reporter=None, degradations=None, clickhouse=None,
+                 archive=None) -> None:
         self.clock = clock
         self.service = service
         self.listeners = listeners
@@ -208,6 +213,7 @@ class StatusSource:
         self.reporter = reporter
         self.degradations = degradations
         self.clickhouse = clickhouse
+        self.archive = archive
         self.mode = Mode(
             standalone=config.standalone,
             spool_dir=config.spool_dir,
@@ -252,6 +258,8 @@ class StatusSource:
             counters=counters(registry.counters()),
             degraded=degraded,
             clickhouse_queued_rows=None if self.clickhouse is None else self.clickhouse.queued_rows,
+            archive_bytes=None if self.archive is None else self.archive.bytes,
+            archive_pending_lines=None if self.archive is None else self.archive.pending_lines,
         )
 
     def _delivery(self) -> Delivery:

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 import tempesta_ts
-from tempesta_ts import __version__
+from tempesta_ts import __version__, archive
 from tempesta_ts.config import Config
 from tempesta_ts.metrics import (
     DELIVERY_BUCKETS,
@@ -254,6 +254,33 @@ class TrafficTests(ServerCase):
         content_type = response.headers.getRawHeaders("content-type")[0]
         self.assertIn("application/openmetrics-text", content_type)
         self.assertTrue(body.rstrip().endswith(b"# EOF"))
+
+
+class ArchiveMetricsTests(ServerCase):
+    """The archive's bytes on disk and its lines not in their files yet."""
+
+    def test_lines_waiting_for_the_archive_and_its_bytes_are_shown(self):
+        # As with more than 256 instances at once: the lines are held, in the journal.
+        self.patch(archive, "DIRECT_INSTANCES", 0)
+        svc = self.make()
+        svc.archive.startService()
+        self.addCleanup(svc.archive.stopService)
+        self.send(svc, "127.0.0.2", b"6,1,1000,-;first\n", b"6,2,2000,-;second\n")
+        self.advance(1.0)
+        found = samples(self.scrape(svc))
+        self.assertEqual(value(found, "tempesta_ts_archive_pending_lines"), 2)
+        journal = os.path.join(svc.archive.directory, ".journal")
+        self.assertEqual(value(found, "tempesta_ts_archive_bytes"), os.path.getsize(journal))
+        self.advance(archive.HOLD_SECONDS)
+        found = samples(self.scrape(svc))
+        self.assertEqual(value(found, "tempesta_ts_archive_pending_lines"), 0)
+        self.assertEqual(value(found, "tempesta_ts_archive_bytes"),
+                         os.path.getsize(os.path.join(svc.archive.directory, "127.0.0.2.log")))
+
+    def test_without_the_archive_its_gauges_are_absent(self):
+        text = self.scrape(self.make(archive_dir=""))
+        self.assertNotIn("tempesta_ts_archive_bytes", text)
+        self.assertNotIn("tempesta_ts_archive_pending_lines", text)
 
 
 class ReportMetricsTests(ServerCase):
