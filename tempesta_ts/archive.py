@@ -312,6 +312,8 @@ class Archive(service.Service):
             not self._write_all
             and len(queue) > DIRECT_INSTANCES
             and self._held.bytes < HOLD_MAX_BYTES
+            # (A flood of new source addresses: each held one costs memory beside its lines.)
+            and len(self._held) < self.files.max_names
             and self.journal.size < HOLD_MAX_BYTES
             and (self._held.since is None or now - self._held.since < HOLD_SECONDS)
         )
@@ -401,8 +403,7 @@ class Archive(service.Service):
             self._trouble(f"cannot write {self.journal.path} ({e.strerror})", "journal")
 
     def _empty_journal(self) -> None:
-        # Nothing is held now (what could not be written was dropped, counted); until the
-        # journal left by the last run was written to the files, it stays.
+        # Nothing is held now; the journal of the last run stays until written to the files.
         if not self._replayed:
             self._journal_out()
             return

@@ -143,6 +143,16 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
         self.assertEqual(self.journal(), [])
 
+    def test_past_the_bound_of_addresses_held_everything_goes_to_the_files(self):
+        archive = self.start()
+        archive.files.max_names = 3
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.journal()), 3)
+        self.send_all(2)
+        self.clock.advance(1.0)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+
     def test_past_the_bound_of_the_journal_everything_goes_to_the_files(self):
         self.patch(archive_module, "HOLD_MAX_BYTES", 200)
         self.start()
