@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from twisted.internet import defer, protocol, reactor
@@ -108,3 +109,15 @@ def spawn(case, name: str, argv: list[str], env: dict | None = None) -> Child:
 
     case.addCleanup(stop)
     return child
+
+
+@defer.inlineCallbacks
+def warning_settling(case, child: Child, seconds: float):
+    """Once the twistd child listens, send it a kernel WARNING over UDP (loopback) and wait
+    until the report it opens settles."""
+    line = yield child.line_containing(STARTED, seconds)
+    port = int(line.split("listening on UDP and TCP 127.0.0.1:")[1].split(";")[0].split()[0])
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    case.addCleanup(sender.close)
+    sender.sendto(b"WARNING: CPU: 0 PID: 7 at net/core/dev.c:1 f+0x1/0x2\n", ("127.0.0.1", port))
+    yield child.line_containing("reporting after", seconds)

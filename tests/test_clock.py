@@ -7,7 +7,6 @@ import ctypes.util
 import glob
 import json
 import os
-import socket
 
 from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
@@ -17,7 +16,7 @@ from tempesta_ts import clock as clocks
 from tempesta_ts.buffers import Instance, LogBuffer
 from tempesta_ts.netconsole import Decoder
 from tempesta_ts.pipeline import ReportMaker
-from tests.processes import STARTED, TWISTD, spawn
+from tests.processes import TWISTD, spawn, warning_settling
 
 SECONDS = 30
 
@@ -137,12 +136,7 @@ class FaketimeTests(unittest.TestCase):
             "LD_PRELOAD": library, "FAKETIME_TIMESTAMP_FILE": stamp, "FAKETIME_NO_CACHE": "1",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         })
-        line = yield child.line_containing(STARTED, SECONDS)
-        port = int(line.split("listening on UDP and TCP 127.0.0.1:")[1].split(";")[0].split()[0])
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(sender.close)
-        sender.sendto(b"WARNING: CPU: 0 PID: 7 at net/core/dev.c:1 f+0x1/0x2\n", ("127.0.0.1", port))
-        yield child.line_containing("reporting after", SECONDS)
+        yield warning_settling(self, child, SECONDS)
         with open(stamp, "w") as f:
             f.write("-3600\n")
         # Settles one second after the warning, not an hour and a second.

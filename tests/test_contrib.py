@@ -15,7 +15,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from tempesta_ts.config import Config
-from tempesta_ts.service import TroubleshootingService
+from tests.live import start_live
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALERTS = os.path.join(ROOT, "contrib", "prometheus", "alerts.yml")
@@ -78,11 +78,7 @@ class ExportedMetricsTests(unittest.TestCase):
 
     def exported(self) -> set[str]:
         config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp())
-        svc = TroubleshootingService(config, reactor)
-        svc.web.port = 0
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
+        svc = start_live(self, config)
         # An instance, for the series of each instance.
         svc.udp.datagramReceived(b"6,1,100,-;hello\n", ("127.0.0.2", 6665))
         text = generate_latest(svc.web.registry).decode("utf-8")

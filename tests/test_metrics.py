@@ -29,6 +29,7 @@ from tempesta_ts.service import TroubleshootingService
 from tests.captures import datagrams, expected_lines
 from tests.test_reporter import CLIENT, EPOCH, KEY, Answer, FakeSupport, MaxRandom
 from tests.waits import wait_until
+from tests.live import start_live
 
 PLAIN = "plain-boot-and-warning.txt"
 FRAGMENTED = "extended-fragmented.txt"
@@ -434,12 +435,7 @@ class LoopbackTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_scrape_after_real_datagrams(self):
         config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp())
-        svc = TroubleshootingService(config, reactor)
-        # The configuration's 0 turns the endpoint off; the test wants a free port.
-        svc.web.port = 0
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
+        svc = start_live(self, config)
         sender = protocol.DatagramProtocol()
         port = reactor.listenUDP(0, sender, interface="127.0.0.2")
         self.addCleanup(port.stopListening)

@@ -29,6 +29,7 @@ from tempesta_ts.webparts import size
 from tests.captures import datagrams
 from tests.test_reporter import EPOCH, Answer, FakeSupport
 from tests.test_web import StatusCase
+from tests.live import start_live
 
 HOST = "127.0.0.2"
 TOKEN = "s3cret-token-for-tests"
@@ -247,11 +248,7 @@ class LoopbackTests(unittest.TestCase):
 
     def start(self) -> TroubleshootingService:
         config = Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(), settle_seconds=0.0)
-        svc = TroubleshootingService(config, reactor)
-        svc.web.port = 0
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
+        svc = start_live(self, config)
         # Real captures: a boot log and a crash, from two instances.
         for gram in datagrams("extended-boot-and-warning.txt")[-60:]:
             svc.udp.datagramReceived(gram, ("127.0.0.3", 6666))

@@ -20,6 +20,7 @@ from tempesta_ts.service import TroubleshootingService
 from tests.https_server import SupportResource, TrackingSite, listen, make_certificates
 from tests.processes import ROOT, spawn
 from tests.waits import wait_until
+from tests.live import start_live
 
 #: Polls of /status.json in the tests: fast, the server is on loopback.
 POLL = 0.02
@@ -54,13 +55,7 @@ class ProbeCase(unittest.TestCase):
         settings.setdefault("settle_seconds", 0.1)
         settings.setdefault("host", "127.0.0.1")
         config = Config(port=0, spool_dir=self.mktemp(), **settings)
-        svc = TroubleshootingService(config, reactor)
-        # The configuration's 0 turns the endpoint off; the test wants a free port.
-        svc.web.port = 0
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        return svc
+        return start_live(self, config)
 
     def argv(self, svc, *extra: str, timeout: float = 5.0) -> list[str]:
         host, port = svc.listeners.address if svc.listeners.udp_port else self.address

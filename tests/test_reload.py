@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 
 from twisted.internet import defer, error, reactor, task
 from twisted.logger import globalLogPublisher
@@ -15,7 +14,7 @@ from twisted.trial import unittest
 from tempesta_ts import config as settings
 from tempesta_ts import reload
 from tempesta_ts.service import TroubleshootingService
-from tests.processes import STARTED, TWISTD, spawn
+from tests.processes import STARTED, TWISTD, spawn, warning_settling
 
 SECONDS = 30
 
@@ -238,12 +237,7 @@ class TwistdSignalTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_report_settling_during_sighup_is_written(self):
         child = self.twistd("-n", "--pidfile=")
-        line = yield child.line_containing(STARTED, SECONDS)
-        port = int(line.split("listening on UDP and TCP 127.0.0.1:")[1].split(";")[0].split()[0])
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(sender.close)
-        sender.sendto(b"WARNING: CPU: 0 PID: 7 at net/core/dev.c:1 f+0x1/0x2\n", ("127.0.0.1", port))
-        yield child.line_containing("reporting after", SECONDS)
+        yield warning_settling(self, child, SECONDS)
         child.transport.signalProcess(signal.SIGHUP)
         yield child.line_containing("Reloaded", SECONDS)
         yield child.line_containing("stand-alone: no support_host", SECONDS)

@@ -19,6 +19,7 @@ from tempesta_ts.service import TroubleshootingService
 from tempesta_ts.web import MAX_ROWS, WebService, duration
 from tests.test_metrics import ServerCase, http_get
 from tests.test_reporter import EPOCH, Answer, FakeSupport
+from tests.live import start_live
 
 TOP_KEYS = {
     "version", "now", "started_at", "listening", "mode", "support_url", "counters", "instances",
@@ -234,13 +235,7 @@ class EndpointTests(unittest.TestCase):
         return Config(host="127.0.0.1", port=0, spool_dir=self.mktemp(), **settings)
 
     def start(self, **settings) -> TroubleshootingService:
-        svc = TroubleshootingService(self.config(**settings), reactor)
-        # The configuration's 0 turns the endpoint off; the test wants a free port.
-        svc.web.port = 0
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        return svc
+        return start_live(self, self.config(**settings))
 
     @defer.inlineCallbacks
     def test_healthz_while_listening_then_503(self):
