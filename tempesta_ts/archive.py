@@ -109,8 +109,8 @@ class Archive(service.Service):
         self._held = HeldLines()
         #: What the flush under way puts in the journal: records and marks, in order.
         self._journal_entries: list[bytes] = []
-        #: Set at stop: the flush writes everything to the files.
-        self._write_all = False
+        #: Set by `flush` (at stop): nothing is held back, everything goes to the files.
+        self._final_flush = False
         #: The journal the last run left was written to the files (`replay`).
         self._replayed = False
         #: The flush under way: a stop finishes it (a cut one would lose the rest).
@@ -224,12 +224,12 @@ class Archive(service.Service):
                 pass
         self._take()
         if self.files.ready or self._retry_prepare():
-            self._write_all = True
+            self._final_flush = True
             try:
                 for _ in self._steps():
                     pass
             finally:
-                self._write_all = False
+                self._final_flush = False
 
     # The hooks.
 
@@ -309,7 +309,7 @@ class Archive(service.Service):
         budget = STEP_LINES
         now = self.clock.seconds()
         hold = (
-            not self._write_all
+            not self._final_flush
             and len(queue) > DIRECT_INSTANCES
             and self._held.bytes < HOLD_MAX_BYTES
             # (A flood of new source addresses: each held one costs memory beside its lines.)
@@ -422,6 +422,12 @@ class Archive(service.Service):
             # What was held back goes first, and the journal is told it is in the file.
             data, count = held[0] + data, count + held[1]
             self._journal_entries.append(mark(address))
+        if not self._append(address, data, count):
+            self._dropped(count)
+
+    def _append(self, address: str, data: bytes, count: int) -> bool:
+        """Append to an instance's file, counted; False (the failure counted and said) when
+        the disk refuses."""
         try:
             self.files.append(address, data, self.clock.seconds())
         except OSError as e:
@@ -429,9 +435,9 @@ class Archive(service.Service):
             self._errors_in_flush += 1
             where = self.files.path(file_name(address))
             self._trouble(f"cannot write {where} ({e.strerror})", "write")
-            self._dropped(count)
-        else:
-            self.stats["archive_lines"] += count
+            return False
+        self.stats["archive_lines"] += count
+        return True
 
     def _check_files(self) -> None:
         failures, self.files.failures = self.files.failures, []
@@ -510,28 +516,20 @@ class Archive(service.Service):
             self.stats["archive_read_errors"] += 1
             self._trouble(f"cannot read {self.journal.path} ({e})", "journal")
             return 0
-        now = self.clock.seconds()
         for address, data in held:
-            if not data or not is_address_name(address, file_name(address)):
-                self._journal_entries.append(mark(address))
-                continue
-            try:
-                self.files.append(address, data, now)
-            except OSError as e:
-                self.stats["archive_write_errors"] += 1
-                self._trouble(f"cannot write {self.files.path(file_name(address))} "
-                              f"({e.strerror})", "write")
-                self._held.add(address, data, data.count(b"\n"), now)
-                continue
+            count = data.count(b"\n")
+            if data and is_address_name(address, file_name(address)):
+                if not self._append(address, data, count):
+                    self._held.add(address, data, count, self.clock.seconds())
+                    continue
+                instances += 1
+                lines += count
             self._journal_entries.append(mark(address))
-            instances += 1
-            lines += data.count(b"\n")
         if self._held:
             self._journal_out()
         else:
             self._empty_journal()
         if lines:
-            self.stats["archive_lines"] += lines
             self.log.info("Archive: {lines} lines of {instances} instances written from the "
                           "journal to their files", lines=lines, instances=instances)
         return lines

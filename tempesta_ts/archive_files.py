@@ -99,9 +99,26 @@ def descriptor_budget(wanted: int, reserved: int = RESERVED_FILES) -> int:
 
 def write_all(write: Callable[[int, bytes], int], fd: int, data: bytes) -> None:
     """Write all of data (os.write may take only part); raises OSError."""
-    view = memoryview(data)
+    done = write(fd, data)
+    if done == len(data):
+        # Nearly always: one call.
+        return
+    view = memoryview(data)[done:]
     while view:
         view = view[write(fd, view) :]
+
+
+def append_whole(write: Callable[[int, bytes], int], fd: int, data: bytes, size: int) -> None:
+    """Append all of data to a file of `size` bytes; raises OSError, and then cuts the file
+    back to `size`, so that it holds whole lines only."""
+    try:
+        write_all(write, fd, data)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
 
 
 class ArchiveFiles:
@@ -216,18 +233,9 @@ class ArchiveFiles:
         if files.size and files.size + len(data) > self.max_bytes:
             self._rotate(files, now)
         fd = self._descriptor(files)
-        before = files.size
         try:
-            # One write nearly always takes it all.
-            done = self.write(fd, data)
-            if done != len(data):
-                write_all(self.write, fd, memoryview(data)[done:])
+            append_whole(self.write, fd, data, files.size)
         except OSError:
-            # Part of it may be in: cut back so that the file holds whole lines only.
-            try:
-                os.ftruncate(fd, before)
-            except OSError:
-                pass
             self._close(files.name)
             raise
         files.size += len(data)

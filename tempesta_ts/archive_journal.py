@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from tempesta_ts.archive_files import write_all
+from tempesta_ts.archive_files import append_whole
 from tempesta_ts.files import open_regular
 
 #: The journal's name in the archive directory (hidden: not an instance's file).
@@ -53,15 +53,7 @@ class Journal:
         if not pieces:
             return
         data = b"".join(pieces)
-        fd = self._descriptor()
-        try:
-            write_all(self.write, fd, data)
-        except OSError:
-            try:
-                os.ftruncate(fd, self.size)
-            except OSError:
-                pass
-            raise
+        append_whole(self.write, self._descriptor(), data, self.size)
         self.size += len(data)
 
     def clear(self) -> None:

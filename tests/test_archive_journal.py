@@ -131,37 +131,30 @@ class HeldLinesTests(ArchiveTestCase):
         self.restart()
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [6, 2, 2])
 
+    def held_then_written(self) -> None:
+        """A second's lines held and journaled; the next second, past a bound, all written."""
+        self.send_all(1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.journal()), 3)
+        self.send_all(2)
+        self.clock.advance(1.0)
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.assertEqual(self.journal(), [])
+
     def test_past_the_bound_of_what_is_held_everything_goes_to_the_files(self):
         # Three lines held are 186 bytes, their journal 225.
         self.patch(archive_module, "HOLD_MAX_BYTES", 150)
         self.start()
-        self.send_all(1)
-        self.clock.advance(1.0)
-        self.assertEqual(len(self.journal()), 3)
-        self.send_all(2)
-        self.clock.advance(1.0)
-        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
-        self.assertEqual(self.journal(), [])
+        self.held_then_written()
 
     def test_past_the_bound_of_addresses_held_everything_goes_to_the_files(self):
-        archive = self.start()
-        archive.files.max_names = 3
-        self.send_all(1)
-        self.clock.advance(1.0)
-        self.assertEqual(len(self.journal()), 3)
-        self.send_all(2)
-        self.clock.advance(1.0)
-        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
+        self.start().files.max_names = 3
+        self.held_then_written()
 
     def test_past_the_bound_of_the_journal_everything_goes_to_the_files(self):
         self.patch(archive_module, "HOLD_MAX_BYTES", 200)
         self.start()
-        self.send_all(1)
-        self.clock.advance(1.0)
-        self.send_all(2)
-        self.clock.advance(1.0)
-        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
-        self.assertEqual(self.journal(), [])
+        self.held_then_written()
 
     def test_a_kill_in_the_middle_of_writing_the_held_lines_writes_none_twice(self):
         self.patch(archive_module, "STEP_LINES", 10)
