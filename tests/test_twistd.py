@@ -17,6 +17,27 @@ EXAMPLE = os.path.join(ROOT, "tap.conf.example")
 SECONDS = 30
 
 
+
+def busy_udp_port(case) -> int:
+    """A port of 127.0.0.1 whose UDP side is taken (until the case's cleanup) and whose TCP
+    side was free a moment ago: the server's TCP listener, started first, must not be the one
+    refused (an ephemeral port of some TCP client may hold the number a bare UDP bind took)."""
+    for _ in range(100):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            busy.bind(("127.0.0.1", port))
+        except OSError:
+            busy.close()
+            continue
+        finally:
+            probe.close()
+        case.addCleanup(busy.close)
+        return port
+    raise RuntimeError("no port of 127.0.0.1 free for both TCP and UDP in 100 tries")
+
 class TwistdTests(unittest.TestCase):
     """The real twistd process."""
 
@@ -81,10 +102,7 @@ class TwistdTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_port_in_use_stops_the_start_with_one_line(self):
-        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        busy.bind(("127.0.0.1", 0))
-        self.addCleanup(busy.close)
-        port = str(busy.getsockname()[1])
+        port = str(busy_udp_port(self))
         lines = yield self.refused("--host", "127.0.0.1", "--port", port, "--spool-dir", self.mktemp())
         failures = [l for l in lines if "cannot listen" in l]
         self.assertEqual(len(failures), 1, "\n".join(lines))
@@ -142,10 +160,7 @@ class TwistdTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_daemonised_port_in_use_error_is_whole(self):
-        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        busy.bind(("127.0.0.1", 0))
-        self.addCleanup(busy.close)
-        port = str(busy.getsockname()[1])
+        port = str(busy_udp_port(self))
         run = os.path.abspath(self.mktemp())
         os.makedirs(run)
         child = spawn(self, "twistd", [
