@@ -5,7 +5,7 @@ here with cc), and does the same for a bare Python recvfrom loop (bench/bare_rec
 ceiling for any Python receiver on this machine. Prints the figures and the machine.
 
     python bench/ingest.py [--seconds 3] [--instances 1,100,10000] [--format extended|plain]
-        [--archive on|off|both] [--cpu-only] [--cpu-instances 100]
+        [--archive on|off|both] [--cpu-only] [--cpu-instances 100] [--dir /dev/shm]
 
 Every run is bounded: each trial lasts --seconds, the search takes at most --steps trials per
 case, and every child process is killed at the end. Traffic goes to 127.0.0.0/8 only.
@@ -211,6 +211,8 @@ def run_trial(receiver, sender: str, rate: int, seconds: float, sources: int,
                             "plain" if fmt == "plain" else "lines"],
                            check=True, capture_output=True, timeout=120)
             receiver.wait_for_archive(sources, 120.0)
+            # The last files' making (a few, after the lines counted) out of the figure.
+            time.sleep(2.0)
         before = receiver.counts() if isinstance(receiver, Server) else (0, 0)
         errors = udp_rcvbuf_errors()
         cpu_of = getattr(receiver, "cpu", lambda: cpu_seconds(receiver.proc.pid))
@@ -292,12 +294,16 @@ def main() -> None:
                         help="the archive of every line (archive_dir) on, as by default, off, or "
                              "both one after the other")
     parser.add_argument("--cpu-only", action="store_true", help="skip the zero-loss search")
+    parser.add_argument("--dir", default=None,
+                        help="where the servers keep their files (default: the temporary "
+                             "directory); /dev/shm gives steadier CPU figures, see "
+                             "docs/performance.md")
     args = parser.parse_args()
     if shutil.which("cc") is None:
         sys.exit("needs a C compiler (cc) to build the sender")
     print(machine())
     print(f"{args.format} format")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         sender = build_sender(tmp)
         results = {}
         archives = {"on": [{}], "off": [{"archive_dir": ""}], "both": [{}, {"archive_dir": ""}]}
