@@ -25,17 +25,17 @@ from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_b
 from tempesta_ts.archive_journal import HeldLines, Journal, mark, record
 from tempesta_ts.archive_format import (
     Stamps,
-    address_of,
     archive_directory,
     count_lines,
     is_address_name,
     file_name,
     format_entries,
 )
+from tempesta_ts import archive_restore
+from tempesta_ts.archive_restore import restore
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.errors import StartupError
 from tempesta_ts.log import get_logger
-from tempesta_ts.netconsole import LogLine
 from tempesta_ts.throttle import Throttle
 
 #: How far the archive may be behind the buffers.
@@ -62,12 +62,8 @@ SLICE_SECONDS = 0.005
 #: Lines taken from the instances and not written yet, all together; past it the oldest go
 #: (the disk is slower than the traffic).
 PENDING_MAX_LINES = 500_000
-#: The restore at start takes at most about this long (systemd waits 90 s for a start).
-RESTORE_SECONDS = 30.0
 #: One notice of a recurring failure at most this often.
 NOTICE_SECONDS = 60.0
-#: The line put after the lines restored from the archive, in the buffer and so in reports.
-RESTART_MARKER = "tempesta-ts: restarted; lines above are from the archive"
 
 
 class _Slice:
@@ -535,63 +531,23 @@ class Archive(service.Service):
         return lines
 
     def restore(self) -> int:
-        """Rebuild the buffers from the archive's ends, the instances written most recently
-        first, up to max_instances and RESTORE_SECONDS; each instance's sequence numbering
-        goes on from its last line. Returns the lines restored."""
-        registry = self.registry
-        started = time.monotonic()
-        max_lines = registry.buffer_max_lines - 1
-        max_bytes = registry.buffer_max_bytes - len(RESTART_MARKER)
-        if max_lines < 1 or max_bytes < 1:
-            return 0
+        """Rebuild the buffers from the archive's ends (`archive_restore`); the lines
+        restored."""
         now = self.clock.seconds()
-        lines_restored = 0
-        restored: list[Instance] = []
-        candidates = self.files.names()[-registry.max_instances :]
-        # The most recently written first: past the time allowed, those written longest ago
-        # are the ones that start empty.
-        for left, name in enumerate(reversed(candidates)):
-            if restored and time.monotonic() - started > RESTORE_SECONDS:
-                self.log.warn(
-                    "Archive: {left} instances not restored, the restore took over {limit} s; "
-                    "they start empty", left=len(candidates) - left, limit=RESTORE_SECONDS)
-                break
-            address = address_of(name)
-            if registry.get(address) is not None or not is_address_name(address, name):
-                continue
-            try:
-                lines, _ = self.files.tail(name, max_lines, max_bytes)
-            except OSError as e:
-                self.stats["archive_read_errors"] += 1
-                if self._notices.hit("read", now) is not None:
-                    self.log.warn("Archive: cannot read {name} back ({error}); its instance starts "
-                                  "empty", name=self.files.path(name), error=e.strerror)
-                continue
-            if lines:
-                restored.append(self._restore_instance(address, lines, now))
-                lines_restored += len(lines)
-        # The registry's order of activity is the archive's: the most recent dropped last.
-        for instance in reversed(restored):
-            last_seen = instance.last_seen
-            registry.touch(instance.address, now).last_seen = last_seen
-        self.stats["archive_lines_restored"] += lines_restored
-        if restored:
+        done = restore(self.registry, self.files, now)
+        for name, reason in done.unreadable:
+            self.stats["archive_read_errors"] += 1
+            if self._notices.hit("read", now) is not None:
+                self.log.warn("Archive: cannot read {name} back ({error}); its instance starts "
+                              "empty", name=self.files.path(name), error=reason)
+        if done.left:
+            self.log.warn("Archive: {left} instances not restored, the restore took over "
+                          "{limit} s; they start empty", left=done.left,
+                          limit=archive_restore.RESTORE_SECONDS)
+        self.stats["archive_lines_restored"] += done.lines
+        if done.instances:
             self.log.info(
                 "Restored {lines} lines of {instances} instances from the archive {directory} in "
-                "{seconds:.1f} s", lines=lines_restored, instances=len(restored),
-                directory=self.directory, seconds=time.monotonic() - started)
-        return lines_restored
-
-    def _restore_instance(self, address: str, lines: list[LogLine], now: float) -> Instance:
-        instance = self.registry.touch(address, now)
-        instance.buffer.extend(lines)
-        instance.buffer.extend([LogLine(now, RESTART_MARKER)])
-        instance.first_seen = lines[0].received_at
-        instance.last_seen = lines[-1].received_at
-        for line in reversed(lines):
-            if line.seq is not None:
-                # The numbering goes on: the next message is not counted as a loss, a reboot
-                # since (numbers from 0, the kernel's clock gone back) is still seen as one.
-                instance.decoder.sequence.accept(line.seq, line.kernel_time_us)
-                break
-        return instance
+                "{seconds:.1f} s", lines=done.lines, instances=done.instances,
+                directory=self.directory, seconds=done.seconds)
+        return done.lines

@@ -11,7 +11,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from tempesta_ts import archive as archive_module
-from tempesta_ts.archive import RESTART_MARKER, Archive, archive_directory
+from tempesta_ts import archive_restore
+from tempesta_ts.archive import Archive, archive_directory
+from tempesta_ts.archive_restore import RESTART_MARKER
 from tempesta_ts.archive_format import Stamps
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.config import Config, parse_flag
@@ -389,7 +391,7 @@ class RestoreTests(ArchiveTestCase):
         for n in range(1, 4):
             self.send(f"10.0.0.{n}", extended(1))
             self.clock.advance(1.0)
-        self.patch(archive_module, "RESTORE_SECONDS", -1)
+        self.patch(archive_restore, "RESTORE_SECONDS", -1)
         self.restart()
         self.assertEqual([i.address for i in self.registry], ["10.0.0.3"])
         self.assertIn("2 instances not restored", self.logged(LogLevel.warn)[-1])

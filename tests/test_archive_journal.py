@@ -11,7 +11,8 @@ from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from tempesta_ts import archive as archive_module
-from tempesta_ts.archive import RESTART_MARKER, Archive
+from tempesta_ts.archive import Archive
+from tempesta_ts.archive_restore import RESTART_MARKER
 from tempesta_ts.archive_journal import NAME, Journal, mark, record
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.files import NotRegularFile

@@ -10,7 +10,7 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tempesta_ts.archive import RESTART_MARKER
+from tempesta_ts.archive_restore import RESTART_MARKER
 from tests.processes import STARTED, TWISTD, spawn
 from tests.waits import wait_until
 
