@@ -101,6 +101,8 @@ class Archive(service.Service):
             max_names=max(10 * registry.max_instances, 10_000), write=write, max_open=max_open,
         )
         self.journal = Journal(directory, write=write)
+        # The journal is beside the archive's bound: it takes at most an eighth of it.
+        self._hold_max_bytes = min(HOLD_MAX_BYTES, total_max_bytes // 8)
         #: Lines held back from their files (in the journal).
         self._held = HeldLines()
         #: What the flush under way puts in the journal: records and marks, in order.
@@ -307,10 +309,10 @@ class Archive(service.Service):
         hold = (
             not self._final_flush
             and len(queue) > DIRECT_INSTANCES
-            and self._held.bytes < HOLD_MAX_BYTES
+            and self._held.bytes < self._hold_max_bytes
             # (A flood of new source addresses: each held one costs memory beside its lines.)
             and len(self._held) < self.files.max_names
-            and self.journal.size < HOLD_MAX_BYTES
+            and self.journal.size < self._hold_max_bytes
             and (self._held.since is None or now - self._held.since < HOLD_SECONDS)
         )
         for _ in range(len(queue)):

@@ -157,6 +157,10 @@ class HeldLinesTests(ArchiveTestCase):
         self.start()
         self.held_then_written()
 
+    def test_the_journal_takes_at_most_an_eighth_of_the_archive_s_bound(self):
+        self.start(total=8 * 200)
+        self.held_then_written()
+
     def test_a_kill_in_the_middle_of_writing_the_held_lines_writes_none_twice(self):
         self.patch(archive_module, "STEP_LINES", 10)
         self.patch(archive_module, "WRITE_COST", 10)
