@@ -58,6 +58,10 @@ class Journal:
 
     def clear(self) -> None:
         """Empty the journal: everything it held is in the instances' files. Raises OSError."""
+        if self._fd is None and not os.path.lexists(self.path):
+            # None was ever needed: none is made.
+            self.size = 0
+            return
         if self.size or self._fd is None:
             os.ftruncate(self._descriptor(), 0)
         self.size = 0
@@ -65,6 +69,8 @@ class Journal:
     def read(self) -> list[tuple[str, bytes]]:
         """What the journal holds that is not marked written, (address, archive lines) in the
         order written, an address's records joined; a damaged end is left out."""
+        if self._fd is None and not os.path.lexists(self.path):
+            return []
         fd = self._descriptor()
         size = os.fstat(fd).st_size
         data = os.pread(fd, size, 0) if size else b""

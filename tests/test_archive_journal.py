@@ -55,6 +55,12 @@ class JournalFileTests(unittest.TestCase):
         self.assertEqual(os.path.getsize(journal.path), 0)
         self.assertEqual(journal.read(), [])
 
+    def test_none_is_made_until_needed(self):
+        journal = Journal(self.directory)
+        self.assertEqual(journal.read(), [])
+        journal.clear()
+        self.assertFalse(os.path.lexists(journal.path))
+
     def test_a_link_planted_as_the_journal_is_not_followed(self):
         target = os.path.join(self.directory, "elsewhere")
         open(target, "w").close()
@@ -205,6 +211,15 @@ class HeldLinesTests(ArchiveTestCase):
         archive.stopService()
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 3, 3])
         self.assertEqual(self.journal(), [])
+
+    def test_with_few_instances_no_journal_is_made(self):
+        self.patch(archive_module, "DIRECT_INSTANCES", 256)
+        archive = self.start()
+        self.send_all(1)
+        self.clock.advance(1.0)
+        archive.stopService()
+        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [1, 1, 1])
+        self.assertFalse(os.path.lexists(self.journal_path()))
 
     def test_few_instances_again_have_their_files_written_each_second(self):
         self.start()
