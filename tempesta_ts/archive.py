@@ -121,6 +121,8 @@ class Archive(service.Service):
         self._queue: deque[tuple[str, list, int]] = deque()
         self._stamps = Stamps()
         self._queued = 0
+        #: Work left in the step of the flush under way (`_spent`).
+        self._budget = STEP_LINES
         self._flushing = None
         self._compressing = None
         self._problem: str | None = None
@@ -304,7 +306,7 @@ class Archive(service.Service):
         then keep the archive within its bounds. (What comes meanwhile waits for the next
         flush: under a flood the bounds are still kept each second.)"""
         queue = self._queue
-        budget = STEP_LINES
+        self._budget = STEP_LINES
         now = self.clock.seconds()
         hold = (
             not self._final_flush
@@ -327,10 +329,7 @@ class Archive(service.Service):
                     self._hold(address, data, count)
                 else:
                     self._write(address, data, count)
-                budget -= count * FORMAT_COST + WRITE_COST
-                if budget <= 0:
-                    budget = STEP_LINES
-                    self._journal_out()
+                if self._spent(count * FORMAT_COST + WRITE_COST):
                     yield
                 continue
             # A long one in pieces, each of which starts with its receive time.
@@ -340,26 +339,21 @@ class Archive(service.Service):
                 kind = type(entry)
                 if kind is bytes:
                     count += 1
-                    budget -= 1
+                    self._budget -= 1
                 elif kind is tuple:
                     count += len(entry)
-                    budget -= len(entry) * FORMAT_COST
+                    self._budget -= len(entry) * FORMAT_COST
                 else:
                     current = entry
-                if budget <= 0 or n == len(entries):
+                if self._budget <= 0 or n == len(entries):
                     piece = entries[start:n]
                     if at is not None and type(piece[0]) is bytes:
                         piece.insert(0, at)
                     self._write(address, format_entries(piece, self._stamps), count)
                     start, count, at = n, 0, current
-                if budget <= 0:
-                    budget = STEP_LINES
-                    self._journal_out()
-                    yield
-            budget -= WRITE_COST
-            if budget <= 0:
-                budget = STEP_LINES
-                self._journal_out()
+                    if self._spent(0):
+                        yield
+            if self._spent(WRITE_COST):
                 yield
         if hold:
             self._journal_out()
@@ -367,15 +361,22 @@ class Archive(service.Service):
             # Everything held goes to its file; then the journal is emptied.
             for address in self._held.addresses():
                 self._write(address, b"", 0)
-                budget -= WRITE_COST
-                if budget <= 0:
-                    budget = STEP_LINES
-                    self._journal_out()
+                if self._spent(WRITE_COST):
                     yield
             self._empty_journal()
         self.files.enforce()
         self._check_files()
         self._compress()
+
+    def _spent(self, cost: int) -> bool:
+        """Count work of the step under way; True when the step is over: the journal then
+        gets what the step gathered, and the flush lets the reactor run."""
+        self._budget -= cost
+        if self._budget > 0:
+            return False
+        self._budget = STEP_LINES
+        self._journal_out()
+        return True
 
     def _hold(self, address: str, data: bytes, count: int) -> None:
         """Keep an instance's lines from its file a while; in the journal meanwhile."""
