@@ -102,8 +102,7 @@ def run(args, instances: int, directory: str | None) -> tuple[float, dict]:
 def restore(directory: str, instances: int) -> tuple[float, int]:
     """Seconds to rebuild the buffers from the archive, and the lines restored."""
     stats = dict.fromkeys(KNOWN_STATS, 0)
-    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats,
-                              keep_unwritten=directory is not None)
+    registry = BufferRegistry(instances + 10, 1000, 2 * 1024 * 1024, stats, keep_unwritten=True)
     archive = Archive(directory, registry, task.Clock(), stats, 1 << 26, 5, 1 << 40)
     started = time.process_time()
     archive.files.prepare()

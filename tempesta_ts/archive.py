@@ -21,18 +21,17 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.python.failure import Failure
 
+from tempesta_ts import archive_restore
 from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_budget
-from tempesta_ts.archive_journal import HeldLines, Journal, mark, record
 from tempesta_ts.archive_format import (
     Stamps,
     archive_directory,
     count_lines,
-    is_address_name,
     file_name,
     format_entries,
+    is_address,
 )
-from tempesta_ts import archive_restore
-from tempesta_ts.archive_restore import restore
+from tempesta_ts.archive_journal import HeldLines, Journal, mark, record
 from tempesta_ts.buffers import BufferRegistry, Instance
 from tempesta_ts.errors import StartupError
 from tempesta_ts.log import get_logger
@@ -517,7 +516,7 @@ class Archive(service.Service):
             return 0
         for address, data in held:
             count = data.count(b"\n")
-            if data and is_address_name(address, file_name(address)):
+            if data and is_address(address):
                 if not self._append(address, data, count):
                     self._held.add(address, data, count, self.clock.seconds())
                     continue
@@ -537,7 +536,7 @@ class Archive(service.Service):
         """Rebuild the buffers from the archive's ends (`archive_restore`); the lines
         restored."""
         now = self.clock.seconds()
-        done = restore(self.registry, self.files, now)
+        done = archive_restore.restore(self.registry, self.files, now)
         for name, reason in done.unreadable:
             self.stats["archive_read_errors"] += 1
             if self._notices.hit("read", now) is not None:

@@ -307,10 +307,15 @@ def count_lines(entries: list) -> int:
     return count
 
 
-def is_address_name(address: str, name: str) -> bool:
-    """Whether a file's name is that of a source address (not a file put there by hand)."""
+def is_address(address: str) -> bool:
+    """Whether a string is a source address (with its scope, if any)."""
     try:
         ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return False
-    return file_name(address) == name
+    return True
+
+
+def is_address_name(address: str, name: str) -> bool:
+    """Whether a file's name is that of a source address (not a file put there by hand)."""
+    return is_address(address) and file_name(address) == name
