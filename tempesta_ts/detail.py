@@ -110,7 +110,7 @@ class DetailSource:
         if instance is None:
             return None
         status = self.status.instance_status(instance)
-        kept = self._kept_ids()
+        kept = self._kept_ids(self._listing())
         reports = [self._row(s, kept) for s in self.recent.of_instance(address)]
         settling = self._settling(address)
         if settling is not None:
@@ -127,12 +127,15 @@ class DetailSource:
             reports=tuple(reports),
         )
 
-    def reports(self) -> tuple[ReportRow, ...]:
-        """Incidents settling, then every report remembered, the newest first."""
+    def reports(self) -> tuple[tuple[ReportRow, ...], SentRows | None]:
+        """Incidents settling, then every report remembered, the newest first; and the
+        reports kept in spool_dir/sent/ (`sent`), from one reading of it."""
+        listing = self._listing()
         settling = [self._settling(address) for address in list(self.tracker.last_incidents)]
-        kept = self._kept_ids()
-        return tuple([r for r in settling if r is not None]
+        kept = self._kept_ids(listing)
+        rows = tuple([r for r in settling if r is not None]
                      + [self._row(s, kept) for s in self.recent.summaries()])
+        return rows, self._sent_rows(listing)
 
     def report_json(self, report_id: str) -> bytes | None:
         """A report's body as it was handed over (what leaves the site), while it is held in
@@ -144,17 +147,23 @@ class DetailSource:
 
     def sent(self) -> SentRows | None:
         """The reports delivered and kept in spool_dir/sent/; None when none are kept."""
-        if self.kept is None:
-            return None
-        kept = self.kept.listing()
-        newest = heapq.nlargest(self.sent_rows, kept,
-                                key=lambda r: (r.delivered or r.created, r.created))
-        return SentRows(tuple(newest), len(kept), sum(r.size for r in kept))
+        return self._sent_rows(self._listing())
 
-    def _kept_ids(self) -> frozenset[str]:
-        # Read once per page: a row's body is shown from sent/ when memory no longer holds it.
-        return frozenset() if self.kept is None else frozenset(
-            r.report_id for r in self.kept.listing())
+    def _listing(self) -> list[SentReport] | None:
+        # Read once per page: spool_dir/sent/ may hold thousands.
+        return None if self.kept is None else self.kept.listing()
+
+    def _sent_rows(self, listing: list[SentReport] | None) -> SentRows | None:
+        if listing is None:
+            return None
+        newest = heapq.nlargest(self.sent_rows, listing,
+                                key=lambda r: (r.delivered or r.created, r.created))
+        return SentRows(tuple(newest), len(listing), sum(r.size for r in listing))
+
+    @staticmethod
+    def _kept_ids(listing: list[SentReport] | None) -> frozenset[str]:
+        # A row's body is shown from sent/ when memory no longer holds it.
+        return frozenset() if listing is None else frozenset(r.report_id for r in listing)
 
     def _row(self, summary: ReportSummary, kept: frozenset[str]) -> ReportRow:
         state = self.sink.state_of(summary.report_id)

@@ -282,8 +282,8 @@ class ReportsResource(_Page):
         detail = self.web.detail
         path = [p for p in request.postpath if p]
         if not path and detail is not None:
-            page = reports_page(detail.reports(), self.web.reactor.seconds(),
-                                link_suffix(request), detail.sent())
+            rows, sent = detail.reports()
+            page = reports_page(rows, self.web.reactor.seconds(), link_suffix(request), sent)
             return respond(request, HTML, page)
         if detail is None or len(path) != 1 or not path[0].endswith(b".json"):
             return _not_found(request, "/reports lists the reports; /reports/ID.json is one")
