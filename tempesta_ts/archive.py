@@ -1,12 +1,14 @@
 """The archive: every log line of every instance on disk, and the buffers rebuilt from it at start.
 
-The path of a datagram only appends it to a list on its instance (`BufferRegistry` with
-keep_unwritten). Once a second (FLUSH_SECONDS) the archive takes what the instances kept
-(`take_unwritten`) and writes it, a few thousand lines a reactor turn: a run of datagrams of
-one receive time, nearly always printable lines, goes as it came, with its receive time
-before each (`archive_format`). What waits is bounded (PENDING_MAX_LINES): past it, and when
-the disk fails, lines are counted dropped; the archive never holds ingest back.
-docs/operations.md describes the files.
+The path of a datagram only appends it, after its instance's tag, to one list for all
+instances (`archive_queue`). Once a second (FLUSH_SECONDS) the archive takes that list, checks
+it at the speed of C, and writes each instance's lines to its file, a few thousand lines a
+reactor turn. With many instances sending at once, it holds the lines back from their files
+instead (a write an instance a second costs more than the lines) and writes the second's list
+to the journal in one go; every HOLD_SECONDS, or sooner when the held lines reach their bound,
+it writes them all to their files. What waits is bounded: past the bounds, and when the disk
+fails, lines are counted dropped; the archive never holds ingest back. docs/operations.md
+describes the files.
 """
 
 from __future__ import annotations
@@ -14,46 +16,32 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections import deque
 from typing import Iterator
 
 from twisted.application import service
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-from tempesta_ts import archive_restore
+from tempesta_ts import archive_queue, archive_restore
 from tempesta_ts.archive_files import RESERVED_FILES, ArchiveFiles, descriptor_budget
-from tempesta_ts.archive_format import (
-    Stamps,
-    archive_directory,
-    count_lines,
-    file_name,
-    format_entries,
-    is_address,
-)
-from tempesta_ts.archive_journal import HeldLines, Journal, mark, record
-from tempesta_ts.buffers import BufferRegistry, Instance
+from tempesta_ts.archive_format import address_of, archive_directory, file_name, is_address
+from tempesta_ts.archive_journal import CUT, Journal, block_record, mark
+from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.errors import StartupError
 from tempesta_ts.log import get_logger
 from tempesta_ts.throttle import Throttle
 
 #: How far the archive may be behind the buffers.
 FLUSH_SECONDS = 1.0
-#: Work a step of a flush, in lines written as they came (a few ms); a line the server
-#: formats itself counts FORMAT_COST, a write WRITE_COST (it may open, or make, a file).
+#: Work a step of a flush, in lines (a few ms); a write counts WRITE_COST (it may open, or
+#: make, a file).
 STEP_LINES = 4000
-FORMAT_COST = 10
 WRITE_COST = 100
-#: An instance with this many lines waiting or fewer has them written at once (their cost
-#: counted as if all were formatted by the server: a bound, not the price).
-SMALL_LINES = 40
-#: A flush of at most this many instances (with lines waiting or held back) writes each one's
-#: file: then every file is at most a second behind. With more, an instance's lines are held
-#: back (and in the journal within the second) until HOLD_BYTES of them wait, HOLD_SECONDS
-#: pass, or HOLD_MAX_BYTES are held in all: a write an instance a second would cost more than
-#: the lines (a system call and an inode update each; see docs/performance.md).
+#: A second's lines go to their files at once when they are of at most this many instances
+#: (as far as the archive can tell without looking at each line: the instances held, the
+#: lines, and the instances of the last write). Otherwise they are held back, in the
+#: journal within the second, until HOLD_SECONDS pass or HOLD_MAX_BYTES are held.
 DIRECT_INSTANCES = 256
-HOLD_BYTES = 16 * 1024
 HOLD_SECONDS = 10.0
 HOLD_MAX_BYTES = 64 * 1024 * 1024
 #: How long the archive's work may hold the reactor before it lets others run.
@@ -102,9 +90,25 @@ class Archive(service.Service):
         self.journal = Journal(directory, write=write)
         # The journal is beside the archive's bound: it takes at most an eighth of it.
         self._hold_max_bytes = min(HOLD_MAX_BYTES, total_max_bytes // 8)
-        #: Lines held back from their files (in the journal).
-        self._held = HeldLines()
-        #: What the flush under way puts in the journal: records and marks, in order.
+        #: What the archive took from the registry and has not written to the files yet:
+        #: queues (`archive_queue.block_of`), oldest first; their lines, and the bytes of
+        #: those held back (in the journal).
+        self._blocks: list[list[bytes]] = []
+        self._lines = 0
+        self._held_bytes = 0
+        #: Lines of _blocks not held back: bounded by PENDING_MAX_LINES.
+        self._waiting_lines = 0
+        #: When the first line held back was taken; None while none is.
+        self._held_since: float | None = None
+        #: The lines taken are to go to their files now, not to be held.
+        self._write_now = False
+        #: The journal holds lines not in their files yet; the first _journaled of _blocks
+        #: are in it (and, while a write to the files goes on, what that write takes).
+        self._in_journal = False
+        self._journaled = 0
+        #: Instances of the last write to the files (None before the first).
+        self._last_instances: int | None = None
+        #: What the flush under way puts in the journal: blocks and marks, in order.
         self._journal_entries: list[bytes] = []
         #: Set by `flush` (at stop): nothing is held back, everything goes to the files.
         self._final_flush = False
@@ -115,11 +119,6 @@ class Archive(service.Service):
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = clock
         self._cooperator: task.Cooperator | None = None
-        #: (address, its runs and lines, how many lines) taken from the instances, oldest
-        #: first; their lines.
-        self._queue: deque[tuple[str, list, int]] = deque()
-        self._stamps = Stamps()
-        self._queued = 0
         #: Work left in the step of the flush under way (`_spent`).
         self._budget = STEP_LINES
         self._flushing = None
@@ -130,8 +129,6 @@ class Archive(service.Service):
         self._notices = Throttle(NOTICE_SECONDS)
         if not registry.keep_unwritten:
             raise ValueError("the archive needs a registry made with keep_unwritten=True")
-        # An evicted instance hands over what it kept.
-        registry.evicted.append(self.forget)
 
     @classmethod
     def of(cls, config, registry: BufferRegistry, clock, stats: dict) -> Archive | None:
@@ -166,7 +163,7 @@ class Archive(service.Service):
     def pending_lines(self) -> int:
         """Lines taken from the instances and not in their files yet (the held ones are in
         the journal)."""
-        return self._queued + self._held.lines
+        return self._lines + self.registry.unwritten_lines
 
     # Start and stop.
 
@@ -230,23 +227,14 @@ class Archive(service.Service):
             finally:
                 self._final_flush = False
 
-    # The hooks.
-
-    def forget(self, instance: Instance) -> None:
-        """Registry eviction: the instance's unwritten lines go with the next flush."""
-        if instance.unwritten:
-            self._enqueue(instance.address, instance.unwritten)
-        instance.unwritten = instance.run_at = None
-
     # Writing.
 
     def _tick(self) -> None:
         try:
             self._take()
-            # Lines held back go to their files in time even when nothing else comes.
-            since = self._held.since
+            since = self._held_since
             due = since is not None and self.clock.seconds() - since >= HOLD_SECONDS
-            if (self._flushing is None and (self._queue or due)
+            if (self._flushing is None and self._blocks and (self._write_now or due)
                     and (self.files.ready or self._retry_prepare())):
                 self._errors_in_flush = 0
                 self._running = self._steps()
@@ -256,22 +244,48 @@ class Archive(service.Service):
             self._failure("flush")
 
     def _take(self) -> None:
-        for instance, entries in self.registry.take_unwritten():
-            self._enqueue(instance.address, entries)
-        over = self._queued - PENDING_MAX_LINES
-        if over > 0:
-            dropped = 0
-            while self._queue and dropped < over:
-                dropped += self._queue.popleft()[2]
-            self._queued -= dropped
+        """Take the registry's queue: held back (and in the journal), or to be written now."""
+        items, stamps = self.registry.take_unwritten()
+        if not items:
+            return
+        block, items, lines = archive_queue.block_of(items, stamps)
+        room = max(0, PENDING_MAX_LINES - self._waiting_lines)
+        if lines > room:
+            items, dropped, _ = archive_queue.newest(items, room)
+            block = b"".join(items)
+            lines -= dropped
             self._dropped(dropped, "pending",
                           f"lines over the archive's bound of {PENDING_MAX_LINES} unwritten lines "
                           "dropped: the disk is slower than the traffic")
-
-    def _enqueue(self, address: str, entries: list) -> None:
-        count = count_lines(entries)
-        self._queue.append((address, entries, count))
-        self._queued += count
+            if not lines:
+                return
+        many = min(lines, len(self.registry), self._last_instances or lines)
+        hold = (
+            not self._final_flush
+            and many > DIRECT_INSTANCES
+            and self._held_bytes + len(block) <= self._hold_max_bytes
+            and self.journal.size + len(block) <= self._hold_max_bytes
+        )
+        self._blocks.append(items)
+        self._lines += lines
+        if hold:
+            self._held_bytes += len(block)
+            if self._held_since is None:
+                self._held_since = self.clock.seconds()
+        else:
+            self._waiting_lines += lines
+            self._write_now = True
+        if hold or self._in_journal:
+            # In the journal in order, what came before it too: a kill loses no held line,
+            # and the marks of a long write count bytes of the same lines.
+            pieces = []
+            for earlier in self._blocks[self._journaled : -1]:
+                joined = b"".join(earlier)
+                pieces += [block_record(joined), joined]
+            self._journal_entries += [*pieces, block_record(block), block]
+            self._journaled = len(self._blocks)
+            self._in_journal = True
+            self._journal_out()
 
     def _retry_prepare(self) -> bool:
         try:
@@ -280,9 +294,8 @@ class Archive(service.Service):
             reason = e.strerror if isinstance(e, OSError) else str(e)
             self._trouble(f"cannot use {self.directory} ({reason})", "prepare")
             # What was taken cannot wait for ever: it is dropped, counted.
-            self._dropped(self._queued)
-            self._queue.clear()
-            self._queued = 0
+            self._dropped(self._lines)
+            self._forget_blocks()
             return False
         if not self._replayed:
             self.replay()
@@ -301,71 +314,54 @@ class Archive(service.Service):
             self._dropped_since_problem = 0
 
     def _steps(self) -> Iterator[None]:
-        """Write what was queued when the flush began, a step of about STEP_LINES at a time;
-        then keep the archive within its bounds. (What comes meanwhile waits for the next
-        flush: under a flood the bounds are still kept each second.)"""
-        queue = self._queue
+        """Write every line taken when the flush began to its file, a step of about
+        STEP_LINES at a time; then keep the archive within its bounds. (What comes meanwhile
+        waits for the next flush.)"""
+        blocks, self._blocks = self._blocks, []
+        journaled = self._in_journal
+        if journaled:
+            self._journal_entries.append(CUT)
+        self._journaled = self._held_bytes = self._waiting_lines = 0
+        self._held_since = None
+        self._write_now = False
         self._budget = STEP_LINES
-        now = self.clock.seconds()
-        hold = (
-            not self._final_flush
-            and len(queue) > DIRECT_INSTANCES
-            and self._held.bytes < self._hold_max_bytes
-            # (A flood of new source addresses: each held one costs memory beside its lines.)
-            and len(self._held) < self.files.max_names
-            and self.journal.size < self._hold_max_bytes
-            and (self._held.since is None or now - self._held.since < HOLD_SECONDS)
-        )
-        for _ in range(len(queue)):
-            if not queue:
-                break
-            address, entries, count = queue.popleft()
-            self._queued -= count
-            if count <= SMALL_LINES:
-                # Nearly always, with many instances: a few lines each, written at once.
-                data = format_entries(entries, self._stamps)
-                if hold:
-                    self._hold(address, data, count)
-                else:
-                    self._write(address, data, count)
-                if self._spent(count * FORMAT_COST + WRITE_COST):
+        groups: dict[bytes, list[bytes]] = {}
+        for items in blocks:
+            position, prefix = 0, b""
+            while position < len(items):
+                lines = max(1, self._budget)
+                position, prefix, left = archive_queue.demux(items, groups, position, prefix,
+                                                             lines)
+                if self._spent(lines - left):
                     yield
-                continue
-            # A long one in pieces, each of which starts with its receive time.
-            start = count = 0
-            at = current = None
-            for n, entry in enumerate(entries, 1):
-                kind = type(entry)
-                if kind is bytes:
-                    count += 1
-                    self._budget -= 1
-                elif kind is tuple:
-                    count += len(entry)
-                    self._budget -= len(entry) * FORMAT_COST
-                else:
-                    current = entry
-                if self._budget <= 0 or n == len(entries):
-                    piece = entries[start:n]
-                    if at is not None and type(piece[0]) is bytes:
-                        piece.insert(0, at)
-                    self._write(address, format_entries(piece, self._stamps), count)
-                    start, count, at = n, 0, current
-                    if self._spent(0):
-                        yield
-            if self._spent(WRITE_COST):
-                yield
-        if hold:
-            self._journal_out()
-        else:
-            # Everything held goes to its file; then the journal is emptied.
-            for address in self._held.addresses():
-                self._write(address, b"", 0)
-                if self._spent(WRITE_COST):
+        del blocks
+        self._last_instances = len(groups)
+        for tag in list(groups):
+            pieces = groups.pop(tag)
+            address = address_of(archive_queue.name_of(tag))
+            # Two pieces a line: a long one goes in steps, the journal told of each.
+            for start in range(0, len(pieces), 2 * STEP_LINES):
+                piece = pieces[start : start + 2 * STEP_LINES]
+                data = b"".join(piece)
+                count = len(piece) // 2
+                self._lines -= count
+                if not self._append(address, data, count):
+                    self._dropped(count)
+                if journaled:
+                    last = start + 2 * STEP_LINES >= len(pieces)
+                    self._journal_entries.append(mark(address, None if last else len(data)))
+                if self._spent(count + WRITE_COST):
                     yield
-            self._empty_journal()
+        self._end_journal()
         self.files.enforce()
         self._check_files()
         self._compress()
+
+    def _forget_blocks(self) -> None:
+        self._blocks = []
+        self._lines = self._held_bytes = self._waiting_lines = self._journaled = 0
+        self._held_since = None
+        self._write_now = False
 
     def _spent(self, cost: int) -> bool:
         """Count work of the step under way; True when the step is over: the journal then
@@ -377,13 +373,6 @@ class Archive(service.Service):
         self._journal_out()
         return True
 
-    def _hold(self, address: str, data: bytes, count: int) -> None:
-        """Keep an instance's lines from its file a while; in the journal meanwhile."""
-        self._journal_entries.append(record(address, data))
-        self._journal_entries.append(data)
-        if self._held.add(address, data, count, self.clock.seconds()) >= HOLD_BYTES:
-            self._write(address, b"", 0)
-
     def _journal_out(self) -> None:
         """Write to the journal what the flush gathered so far (at each step: a kill in the
         middle of a flush finds the marks of what reached the files)."""
@@ -394,34 +383,40 @@ class Archive(service.Service):
             self.journal.append(entries)
         except OSError as e:
             # What is held stays in memory and goes to the files all the same; the marks
-            # wait for the next write (a record's header starts "+", a mark "=", lines a digit).
-            self._journal_entries = [entry for entry in entries if entry[:1] == b"="]
+            # and the cuts wait for the next write (a block's header starts "#", its lines a
+            # separator).
+            self._journal_entries = [entry for entry in entries if entry[:1] in (b"=", b"|")]
             self.stats["archive_write_errors"] += 1
             self._errors_in_flush += 1
             self._trouble(f"cannot write {self.journal.path} ({e.strerror})", "journal")
 
-    def _empty_journal(self) -> None:
-        # Nothing is held now; the journal of the last run stays until written to the files.
+    def _end_journal(self) -> None:
+        """The lines the journal held are in their files: it keeps just what came meanwhile,
+        or is emptied."""
         if not self._replayed:
+            # The journal of the last run stays until written to the files.
             self._journal_out()
             return
+        kept = self._blocks if self._in_journal else []
+        pieces = []
+        for items in kept:
+            joined = b"".join(items)
+            pieces += [block_record(joined), joined]
         try:
-            self.journal.clear()
+            if pieces:
+                self.journal.replace(pieces)
+            else:
+                self.journal.clear()
         except OSError as e:
+            # The journal as it is says the same, only longer.
             self.stats["archive_write_errors"] += 1
-            self._trouble(f"cannot empty {self.journal.path} ({e.strerror})", "journal")
+            what = "write" if pieces else "empty"
+            self._trouble(f"cannot {what} {self.journal.path} ({e.strerror})", "journal")
             self._journal_out()
         else:
             self._journal_entries = []
-
-    def _write(self, address: str, data: bytes, count: int) -> None:
-        held = self._held.pop(address)
-        if held is not None:
-            # What was held back goes first, and the journal is told it is in the file.
-            data, count = held[0] + data, count + held[1]
-            self._journal_entries.append(mark(address))
-        if not self._append(address, data, count):
-            self._dropped(count)
+            self._in_journal = bool(pieces)
+            self._journaled = len(kept)
 
     def _append(self, address: str, data: bytes, count: int) -> bool:
         """Append to an instance's file, counted; False (the failure counted and said) when
@@ -514,19 +509,27 @@ class Archive(service.Service):
             self.stats["archive_read_errors"] += 1
             self._trouble(f"cannot read {self.journal.path} ({e})", "journal")
             return 0
+        # The marks below are about all the journal holds.
+        self._journal_entries.append(CUT)
         for address, data in held:
             count = data.count(b"\n")
             if data and is_address(address):
                 if not self._append(address, data, count):
-                    self._held.add(address, data, count, self.clock.seconds())
+                    # Held, as if just taken, in the journal as they are.
+                    self._blocks.append(archive_queue.lines_of(address, data))
+                    self._lines += count
+                    self._held_bytes += len(data)
+                    self._held_since = self.clock.seconds()
+                    self._in_journal = True
+                    self._journaled = len(self._blocks)
                     continue
                 instances += 1
                 lines += count
             self._journal_entries.append(mark(address))
-        if self._held:
+        if self._blocks:
             self._journal_out()
         else:
-            self._empty_journal()
+            self._end_journal()
         if lines:
             self.log.info("Archive: {lines} lines of {instances} instances written from the "
                           "journal to their files", lines=lines, instances=instances)

@@ -47,10 +47,6 @@ _COMMON_LINE = re.compile(
 )
 _CONSOLE = re.compile(r"(?:<(\d{1,3})>)?(?:\[\s*(\d{1,10})\.(\d{6})\] ?)?", re.ASCII)
 _MAX_RELEASE = 128
-# What a datagram may hold and be written as it came: printable ASCII but the backslash, and
-# the newline that ends it.
-_PLAIN_OR_NEWLINE = bytes(range(0x20, 0x7F)).replace(b"\\", b"") + b"\n"
-_PLAIN = _PLAIN_OR_NEWLINE[:-1]
 
 
 def file_name(address: str) -> str:
@@ -123,63 +119,6 @@ class Stamps:
                 self._date = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)).encode()
             known = self.known[when] = self._date + b"%06dZ " % micros
         return known
-
-
-def format_entries(entries: list, stamps: Stamps) -> bytes:
-    """The archive lines of what an instance kept (`BufferRegistry.take_unwritten`): receive
-    times (float), each before the datagrams (bytes) received then, and tuples of lines."""
-    pieces = []
-    datagrams = []
-    known = stamps.known
-    prefix = b""
-    for entry in entries:
-        kind = type(entry)
-        if kind is bytes:
-            datagrams.append(entry)
-            pieces.append(prefix)
-            pieces.append(entry)
-        elif kind is tuple:
-            pieces.extend(map(format_line, entry))
-        else:
-            prefix = known.get(entry) or stamps.prefix(entry)
-    if not datagrams:
-        return b"".join(pieces)
-    # One look at all the datagrams at once, at the speed of C: nearly always each is
-    # printable ASCII ending in its newline (and in no other), and goes as it came.
-    # Each datagram ends in its newline, and holds no other and no NUL: then taking the N
-    # "newline NUL" pairs out of them joined by NULs leaves no newline, no NUL.
-    every = b"\x00".join(datagrams) + b"\x00"
-    rest = every.replace(b"\n\x00", b"")
-    if len(every) - len(rest) != 2 * len(datagrams) or rest.translate(None, _PLAIN):
-        return _format_checked(entries, stamps)
-    return b"".join(pieces)
-
-
-def _format_checked(entries: list, stamps: Stamps) -> bytes:
-    """format_entries, each datagram checked on its own (one is not a plain line)."""
-    pieces = []
-    at = 0.0
-    for entry in entries:
-        kind = type(entry)
-        if kind is bytes:
-            pieces.append(format_run([at, entry], stamps))
-        elif kind is tuple:
-            pieces.extend(map(format_line, entry))
-        else:
-            at = entry
-    return b"".join(pieces)
-
-
-def format_run(run: list, stamps: Stamps | None = None) -> bytes:
-    """The archive lines of a run of datagrams of one receive time, each checked."""
-    prefix = (stamps or Stamps()).prefix(run[0])
-    pieces = []
-    for datagram in run[1:]:
-        if not datagram.translate(None, _PLAIN_OR_NEWLINE) and datagram.find(b"\n") == len(datagram) - 1:
-            pieces.append(prefix + datagram)
-        else:
-            pieces.append(format_datagram(run[0], datagram))
-    return b"".join(pieces)
 
 
 def format_datagram(received_at: float, datagram: bytes) -> bytes:
@@ -292,19 +231,6 @@ def archive_directory(config) -> str | None:
     if config.archive_dir is None:
         return os.path.join(config.spool_dir, "archive")
     return config.archive_dir or None
-
-
-def count_lines(entries: list) -> int:
-    """The lines of what an instance kept (`format_entries`)."""
-    # A datagram (bytes) is a line, a tuple holds lines, a receive time (float) none.
-    count = 0
-    for entry in entries:
-        kind = type(entry)
-        if kind is bytes:
-            count += 1
-        elif kind is tuple:
-            count += len(entry)
-    return count
 
 
 def is_address(address: str) -> bool:

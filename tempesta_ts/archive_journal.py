@@ -6,8 +6,12 @@ are then held in memory a while and written to each file in one go, and meanwhil
 every instance's together, to this one file (``.journal`` in the archive directory) with one
 write a second, so that a kill loses no more than before. Records:
 
-    +<address> <length>\\n<length bytes of archive lines>
+    #<length>\\n<length bytes: a second's queue, every instance's lines (archive_queue)>
     =<address>\\n            (what was held for that address is in its file now)
+    =<address> <bytes>\\n    (the first bytes of it are: a long one is written in steps)
+    |\\n                     (a write to the files starts: the marks after it are about the
+                             lines before it)
+    +<address> <length>\\n<length bytes of archive lines>   (written by earlier versions)
 
 Emptied each time nothing is held. Read back at start: what is not marked written goes to the
 files. No Twisted.
@@ -18,7 +22,9 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from tempesta_ts import archive_queue
 from tempesta_ts.archive_files import append_whole
+from tempesta_ts.archive_format import address_of
 from tempesta_ts.files import open_regular
 
 #: The journal's name in the archive directory (hidden: not an instance's file).
@@ -32,9 +38,22 @@ def record(address: str, data: bytes) -> bytes:
     return b"+%s %d\n" % (address.encode(), len(data))
 
 
-def mark(address: str) -> bytes:
-    """The mark saying that what was held for an address is in its file."""
-    return b"=%s\n" % address.encode()
+#: Written when the held lines start going to their files: the marks after it are about the
+#: lines before it (lines taken meanwhile come after it).
+CUT = b"|\n"
+
+
+def block_record(block: bytes) -> bytes:
+    """A block's header, to go before a second's queue joined (`archive_queue.block_of`)."""
+    return b"#%d\n" % len(block)
+
+
+def mark(address: str, written: int | None = None) -> bytes:
+    """The mark saying that what was held for an address is in its file (its first `written`
+    bytes, when given)."""
+    if written is None:
+        return b"=%s\n" % address.encode()
+    return b"=%s %d\n" % (address.encode(), written)
 
 
 class Journal:
@@ -48,7 +67,7 @@ class Journal:
         self.size = 0
 
     def append(self, pieces: list[bytes]) -> None:
-        """Append records and marks (`record`, `mark`), in order and in one write. Raises
+        """Append records and marks (`block_record`, `mark`), in order and in one write. Raises
         OSError; then the file is cut back to what it held."""
         if not pieces:
             return
@@ -75,17 +94,51 @@ class Journal:
         size = os.fstat(fd).st_size
         data = os.pread(fd, size, 0) if size else b""
         self.size = size
+        # Lines in a write to the files under way (before its cut), and lines taken since.
         held: dict[str, list[bytes]] = {}
+        fresh: dict[str, list[bytes]] = {}
+        cut = False
         position = 0
+        names: dict[bytes, str] = {}
         while position < len(data):
             end = data.find(b"\n", position, position + _HEADER_MAX)
             if end < 0:
                 break
             header = data[position + 1 : end].decode("utf-8", "replace")
             kind = data[position : position + 1]
-            if kind == b"=":
-                held.pop(header, None)
+            if kind == b"|":
+                for address, chunks in fresh.items():
+                    held.setdefault(address, []).extend(chunks)
+                fresh = {}
+                cut = True
                 position = end + 1
+                continue
+            if kind == b"=":
+                address, _, written = header.rpartition(" ")
+                if not (address and written.isascii() and written.isdigit()):
+                    address, written = header, ""
+                # (Journals of earlier versions have no cut: a mark covers all before it.)
+                for lines in (held,) if cut else (held, fresh):
+                    if written and address in lines:
+                        lines[address] = [b"".join(lines[address])[int(written):]]
+                    elif not written:
+                        lines.pop(address, None)
+                position = end + 1
+                continue
+            if kind == b"#":
+                if not (header.isascii() and header.isdigit()):
+                    break
+                block = data[end + 1 : end + 1 + int(header)]
+                if len(block) != int(header):
+                    break
+                groups: dict[bytes, list[bytes]] = {}
+                archive_queue.demux(archive_queue.items_of(block), groups)
+                for tag, pieces in groups.items():
+                    address = names.get(tag)
+                    if address is None:
+                        address = names[tag] = address_of(archive_queue.name_of(tag))
+                    fresh.setdefault(address, []).append(b"".join(pieces))
+                position = end + 1 + int(header)
                 continue
             address, _, length = header.rpartition(" ")
             if kind != b"+" or not address or not (length.isascii() and length.isdigit()):
@@ -94,10 +147,29 @@ class Journal:
             if len(body) != int(length):
                 break
             # Whole lines only: a record is never cut, but a damaged one could be.
-            held.setdefault(address, []).append(body[: body.rfind(b"\n") + 1])
+            fresh.setdefault(address, []).append(body[: body.rfind(b"\n") + 1])
             position = end + 1 + int(length)
+        for address, chunks in fresh.items():
+            held.setdefault(address, []).extend(chunks)
         # In the order each address was first held (a mark and later records start anew).
-        return [(address, b"".join(chunks)) for address, chunks in held.items()]
+        return [(address, b"".join(chunks)) for address, chunks in held.items() if chunks]
+
+    def replace(self, pieces: list[bytes]) -> None:
+        """Make the journal hold just these records, in one step (a new file renamed over
+        it). Raises OSError; then the journal is as it was."""
+        data = b"".join(pieces)
+        new = self.path + ".new"
+        fd = open_regular(new, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+        try:
+            append_whole(self.write, fd, data, 0)
+            os.replace(new, self.path)
+        except OSError:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self.size = len(data)
 
     def _descriptor(self) -> int:
         if self._fd is None:
@@ -110,51 +182,3 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-class HeldLines:
-    """Archive lines held back from their instances' files, by address, with their count
-    (a bytearray and an int each: no container an instance for the garbage collector)."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytearray] = {}
-        self._counts: dict[str, int] = {}
-        #: Bytes and lines held in all.
-        self.bytes = 0
-        self.lines = 0
-        #: When the first of them was held (None when none is).
-        self.since: float | None = None
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def addresses(self) -> list[str]:
-        """The addresses with lines held, first held first."""
-        return list(self._data)
-
-    def add(self, address: str, data: bytes, count: int, now: float) -> int:
-        """Hold `count` lines for an address; the bytes it now has held."""
-        held = self._data.get(address)
-        if held is None:
-            held = self._data[address] = bytearray(data)
-            self._counts[address] = count
-        else:
-            held += data
-            self._counts[address] += count
-        self.bytes += len(data)
-        self.lines += count
-        if self.since is None:
-            self.since = now
-        return len(held)
-
-    def pop(self, address: str) -> tuple[bytearray, int] | None:
-        """What an address has held, and how many lines, taken; None when nothing."""
-        held = self._data.pop(address, None)
-        if held is None:
-            return None
-        count = self._counts.pop(address)
-        self.bytes -= len(held)
-        self.lines -= count
-        if not self._data:
-            self.since = None
-        return held, count

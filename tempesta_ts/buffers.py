@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Callable, Container, Iterable, Iterator, Sequence
 
+from tempesta_ts import archive_queue
+from tempesta_ts.archive_format import Stamps
 from tempesta_ts.netconsole import (
     RECORD_TEXT,
     Decoder,
@@ -171,7 +173,7 @@ class Instance:
     """One Tempesta FW server, known by its source address."""
 
     __slots__ = ("address", "first_seen", "last_seen", "buffer", "decoder", "system_info",
-                 "run_at", "unwritten")
+                 "tag")
 
     def __init__(self, address: str, now: float, buffer: LogBuffer, decoder: Decoder) -> None:
         self.address = address
@@ -180,13 +182,9 @@ class Instance:
         self.buffer = buffer
         self.decoder = decoder
         self.system_info: SystemInfo | None = None
-        #: Set by an observer that must see every line of this instance (an open incident).
-        #: With BufferRegistry.keep_unwritten, what came since the archive last took it, flat
-        #: (no container a datagram: the garbage collector would walk them): a receive time
-        #: (float) before the datagrams (bytes) of that time, as they came; tuples of lines
-        #: made otherwise. `run_at` is the receive time last put there.
-        self.run_at: float | None = None
-        self.unwritten: list | None = None
+        #: With BufferRegistry.keep_unwritten, what comes before each of its lines in the
+        #: archive's queue (`archive_queue.tag`).
+        self.tag = b""
 
     @property
     def kernel_release(self) -> str | None:
@@ -240,10 +238,14 @@ class BufferRegistry:
         #: Addresses whose every line the observers see whatever the filter: the tracker's,
         #: which it keeps while an incident's window is open (the trace, the end marker).
         self.watched = watched
-        #: For the archive: instances keep what they receive until it takes it
-        #: (`take_unwritten`). The instances that have any:
+        #: For the archive: every instance's lines since it last took them, in one list in
+        #: the order they came (`archive_queue`; `take_unwritten`); None without it.
         self.keep_unwritten = keep_unwritten
-        self._unwritten: dict[str, Instance] = {}
+        self.archive_queue: list[bytes] | None = [] if keep_unwritten else None
+        #: Receive times in archive_queue, and the last one put there.
+        self._queue_stamps = 0
+        self._queue_at = -1.0
+        self._stamps = Stamps()
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -265,6 +267,8 @@ class BufferRegistry:
                 LogBuffer(self.buffer_max_lines, self.buffer_max_bytes),
                 Decoder(self.stats, self.buffer_max_bytes),
             )
+            if self.keep_unwritten:
+                instance.tag = archive_queue.tag(address)
             self._instances[address] = instance
             self.stats["instances_created"] += 1
             while len(self._instances) > self.max_instances:
@@ -298,20 +302,16 @@ class BufferRegistry:
             pushed = instance.buffer.append_record(record)
             if pushed:
                 stats["lines_pushed_out"] += pushed
-            # For the archive, the datagram as it came: one line whole, after the receive
-            # time of its read, written as it is.
-            if self.keep_unwritten:
-                unwritten = instance.unwritten
-                if unwritten is None:
-                    instance.unwritten = [now, data]
-                    instance.run_at = now
-                    self._unwritten[address] = instance
-                elif instance.run_at == now:
-                    unwritten.append(data)
-                else:
-                    unwritten.append(now)
-                    unwritten.append(data)
-                    instance.run_at = now
+            # For the archive, the datagram as it came, after its instance's tag and the
+            # receive time of its read: two appends to one list, whatever the instance.
+            queue = self.archive_queue
+            if queue is not None:
+                if now != self._queue_at:
+                    self._queue_at = now
+                    self._queue_stamps += 1
+                    queue.append(archive_queue.stamp(self._stamps.prefix(now)))
+                queue.append(instance.tag)
+                queue.append(data)
             if self.every_line:
                 self._to_every_line(instance, record)
                 return
@@ -358,20 +358,21 @@ class BufferRegistry:
             return False
         return pattern.match(record, RECORD_TEXT) is not None
 
-    def _unwritten_of(self, instance: Instance) -> list:
-        if instance.unwritten is None:
-            instance.unwritten = []
-            self._unwritten[instance.address] = instance
-        return instance.unwritten
-
-    def take_unwritten(self) -> list[tuple[Instance, list]]:
-        """For the archive: each instance's unwritten runs and lines, now taken."""
-        taken = []
-        for instance in self._unwritten.values():
-            taken.append((instance, instance.unwritten))
-            instance.unwritten = instance.run_at = None
-        self._unwritten = {}
+    def take_unwritten(self) -> tuple[list[bytes], int]:
+        """For the archive: the queue of every instance's lines (`archive_queue`) and how many
+        receive times it holds, now taken."""
+        taken = self.archive_queue, self._queue_stamps
+        self.archive_queue = []
+        self._queue_stamps = 0
+        self._queue_at = -1.0
         return taken
+
+    @property
+    def unwritten_lines(self) -> int:
+        """Lines in the archive's queue."""
+        if self.archive_queue is None:
+            return 0
+        return (len(self.archive_queue) - self._queue_stamps) // 2
 
     def receive_system_info(self, address: str, info: SystemInfo) -> Instance:
         """Keep a document as the instance's latest system information."""
@@ -411,9 +412,9 @@ class BufferRegistry:
     def _append(self, instance: Instance, lines: Sequence[LogLine]) -> None:
         self.stats["lines"] += len(lines)
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
-        if self.keep_unwritten:
-            instance.run_at = None
-            self._unwritten_of(instance).append(tuple(lines))
+        queue = self.archive_queue
+        if queue is not None:
+            queue.extend(archive_queue.made(instance.tag, list(lines)))
         for observer in self.every_line:
             observer(instance, lines)
         for observer in self.observers:
@@ -428,8 +429,6 @@ class BufferRegistry:
             if lines:
                 self._append(instance, lines)
         self.stats["instances_evicted"] += 1
-        # Its unwritten lines stay on it for the callbacks (the archive) to take.
-        self._unwritten.pop(instance.address, None)
         self.stats["lines_pushed_out"] += instance.buffer.hidden_lines
         for callback in self.evicted:
             callback(instance)

@@ -12,15 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from tempesta_ts import archive_files
+from tempesta_ts import archive_files, archive_queue
 from tempesta_ts.archive_files import ArchiveFiles, descriptor_budget
 from tempesta_ts.archive_format import (
     Stamps,
     address_of,
     file_name,
-    format_entries,
     format_line,
-    format_run,
     parse_file_name,
     parse_line,
 )
@@ -29,6 +27,26 @@ from tempesta_ts.files import NotRegularFile
 from tempesta_ts.netconsole import Decoder, LogLine, unpack_record
 
 T = 1_795_000_000.123456  # 2026-11-18T11:06:40.123456Z
+
+
+def written(entries: list) -> bytes:
+    """What the archive writes to an instance's file of what it received: receive times
+    (float), each before the datagrams (bytes) received then, and tuples of lines it made."""
+    tag = archive_queue.tag("10.0.0.1")
+    items: list[bytes] = []
+    stamps = 0
+    for entry in entries:
+        if isinstance(entry, float):
+            items.append(archive_queue.stamp(Stamps().prefix(entry)))
+            stamps += 1
+        elif isinstance(entry, bytes):
+            items += [tag, entry]
+        else:
+            items += archive_queue.made(tag, list(entry))
+    _, items, _ = archive_queue.block_of(items, stamps)
+    groups: dict = {}
+    archive_queue.demux(items, groups)
+    return b"".join(groups.get(tag, []))
 
 
 def read_back(data: bytes) -> list[LogLine]:
@@ -43,7 +61,7 @@ class FormatTests(unittest.TestCase):
         run = [T, b"6,1234,87654321,-;tfw: request processed\n", b"[   12.345678] plain line\n",
                b"5.10.35-tfw,4,1235,87654400,-;with the release first\n"]
         self.assertEqual(
-            format_run(run).decode(),
+            written(run).decode(),
             "2026-11-18T11:06:40.123456Z 6,1234,87654321,-;tfw: request processed\n"
             "2026-11-18T11:06:40.123456Z [   12.345678] plain line\n"
             "2026-11-18T11:06:40.123456Z 5.10.35-tfw,4,1235,87654400,-;with the release first\n",
@@ -54,11 +72,11 @@ class FormatTests(unittest.TestCase):
                      b"<3>[    1.000001] console with a level\n", b"no prefix at all\n",
                      b"5.10.35-tfw,4,1235,87654400,-,caller=T12;release and caller\n"]
         decoded = [unpack_record(Decoder().record(d, T))[0] for d in datagrams]
-        self.assertEqual(read_back(format_run([T, *datagrams])), decoded)
+        self.assertEqual(read_back(written([T, *datagrams])), decoded)
 
     def test_control_bytes_and_backslashes_are_escaped_and_read_back(self):
         run = [T, b"[    5.000000] \x1b[31mred\x1b[0m C:\\path\r\n", b"6,7,8,-;bell\x07\n"]
-        text = format_run(run).decode()
+        text = written(run).decode()
         self.assertEqual(
             text,
             "2026-11-18T11:06:40.123456Z [    5.000000] \\x1b[31mred\\x1b[0m C:\\\\path\n"
@@ -90,7 +108,7 @@ class FormatTests(unittest.TestCase):
         entries = [T, b"6,1,1,-;first\n", b"6,2,2,-;second\n", (LogLine(T + 1, "made", 4, 3, 3),),
                    T + 2, b"[    1.000000] third\n"]
         self.assertEqual([(line.text, round(line.received_at - T)) for line in
-                          read_back(format_entries(entries, Stamps()))],
+                          read_back(written(entries))],
                          [("first", 0), ("second", 0), ("made", 1), ("third", 2)])
 
     def test_odd_datagrams_of_one_instance_stay_one_line_each(self):
@@ -98,9 +116,9 @@ class FormatTests(unittest.TestCase):
         # each is still checked and stays one line.
         odd = [b"6,1,1,-;no newline", b"rel\nease,6,2,2,-;two newlines\n", b"6,3,3,-;nul\x00\n"]
         for datagrams in ([odd[0], odd[1]], [odd[2]], odd):
-            written = format_entries([T, *datagrams], Stamps())
-            self.assertEqual(written.count(b"\n"), len(datagrams), written)
-            self.assertTrue(all(line is not None for line in read_back(written)), written)
+            data = written([T, *datagrams])
+            self.assertEqual(data.count(b"\n"), len(datagrams), data)
+            self.assertTrue(all(line is not None for line in read_back(data)), data)
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.binary(max_size=80), min_size=1, max_size=5))
@@ -108,9 +126,9 @@ class FormatTests(unittest.TestCase):
         datagrams = [d for d in datagrams if Decoder().record(d, T)]
         if not datagrams:
             return
-        written = format_entries([T, *datagrams], Stamps())
-        self.assertEqual(written.count(b"\n"), len(datagrams))
-        self.assertEqual(read_back(written), [unpack_record(Decoder().record(d, T))[0] for d in datagrams])
+        data = written([T, *datagrams])
+        self.assertEqual(data.count(b"\n"), len(datagrams))
+        self.assertEqual(read_back(data), [unpack_record(Decoder().record(d, T))[0] for d in datagrams])
 
     @settings(max_examples=300, deadline=None)
     @given(
@@ -123,9 +141,9 @@ class FormatTests(unittest.TestCase):
     )
     def test_any_line_reads_back_as_it_was(self, text, level, seq, kernel, micros):
         line = LogLine(micros / 1_000_000, text, level, seq, kernel)
-        written = format_line(line)
-        self.assertEqual(written.count(b"\n"), 1)
-        (back,) = read_back(written)
+        data = format_line(line)
+        self.assertEqual(data.count(b"\n"), 1)
+        (back,) = read_back(data)
         if seq is not None and kernel is not None and level is None:
             # The extended form always has a level: netconsole's messages always do.
             level = 6
@@ -140,9 +158,9 @@ class FormatTests(unittest.TestCase):
         record = Decoder().record(datagram, T)
         if not record:
             return
-        written = format_run([T, datagram])
-        self.assertEqual(written.count(b"\n"), 1)
-        (back,) = read_back(written)
+        data = written([T, datagram])
+        self.assertEqual(data.count(b"\n"), 1)
+        (back,) = read_back(data)
         self.assertEqual(back, unpack_record(record)[0])
 
     def test_lines_that_are_not_archive_lines_are_left_out(self):

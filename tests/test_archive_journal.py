@@ -13,7 +13,9 @@ from twisted.trial import unittest
 from tempesta_ts import archive as archive_module
 from tempesta_ts.archive import Archive
 from tempesta_ts.archive_restore import RESTART_MARKER
-from tempesta_ts.archive_journal import NAME, Journal, mark, record
+from tempesta_ts import archive_queue
+from tempesta_ts.archive_format import Stamps
+from tempesta_ts.archive_journal import NAME, Journal, block_record, mark, record
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.files import NotRegularFile
 from tempesta_ts.metrics import KNOWN_STATS
@@ -37,6 +39,21 @@ class JournalFileTests(unittest.TestCase):
                         record("10.0.0.2", two), two])
         journal.close()
         self.assertEqual(Journal(self.directory).read(), [("10.0.0.2", one + two), ("10.0.0.1", two)])
+
+    def test_a_second_s_block_reads_back_by_instance_less_what_is_marked_written(self):
+        prefix = Stamps().prefix(1_795_000_000.0)
+        a, b = archive_queue.tag("10.0.0.1"), archive_queue.tag("2001:db8::1")
+        first = [archive_queue.stamp(prefix), a, b"6,1,1,-;one\n", b, b"6,2,2,-;two\n",
+                 a, b"6,3,3,-;three\n"]
+        block, _, _ = archive_queue.block_of(first, 1)
+        journal = Journal(self.directory)
+        journal.append([block_record(block), block])
+        # A long one written in steps: its first line is in its file, then all of it.
+        journal.append([mark("10.0.0.1", len(prefix + b"6,1,1,-;one\n"))])
+        self.assertEqual(Journal(self.directory).read(), [
+            ("10.0.0.1", prefix + b"6,3,3,-;three\n"), ("2001:db8::1", prefix + b"6,2,2,-;two\n")])
+        journal.append([mark("2001:db8::1")])
+        self.assertEqual(Journal(self.directory).read(), [("10.0.0.1", prefix + b"6,3,3,-;three\n")])
 
     def test_a_damaged_end_is_left_out(self):
         journal = Journal(self.directory)
@@ -124,20 +141,6 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertIn("15 lines of 3 instances written from the journal",
                       self.logged(LogLevel.info)[0])
 
-    def test_an_instance_with_enough_held_is_written_at_once_and_never_twice(self):
-        self.patch(archive_module, "HOLD_BYTES", 200)
-        self.start()
-        self.send_all(1)
-        self.clock.advance(1.0)
-        self.send("10.0.0.1", *[extended(seq) for seq in range(2, 6)])
-        self.send_all(6)
-        self.clock.advance(1.0)
-        self.assertEqual(len(self.archived("10.0.0.1")), 6)
-        self.assertEqual([address for address, _ in self.journal()], ["10.0.0.2", "10.0.0.3"])
-        # A kill now, and a start: 10.0.0.1's lines are not written again.
-        self.restart()
-        self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [6, 2, 2])
-
     def held_then_written(self) -> None:
         """A second's lines held and journaled; the next second, past a bound, all written."""
         self.send_all(1)
@@ -149,13 +152,9 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertEqual(self.journal(), [])
 
     def test_past_the_bound_of_what_is_held_everything_goes_to_the_files(self):
-        # Three lines held are 186 bytes, their journal 225.
-        self.patch(archive_module, "HOLD_MAX_BYTES", 150)
+        # A second's three lines are 161 bytes held, their journal 166.
+        self.patch(archive_module, "HOLD_MAX_BYTES", 165)
         self.start()
-        self.held_then_written()
-
-    def test_past_the_bound_of_addresses_held_everything_goes_to_the_files(self):
-        self.start().files.max_names = 3
         self.held_then_written()
 
     def test_past_the_bound_of_the_journal_everything_goes_to_the_files(self):
@@ -167,21 +166,73 @@ class HeldLinesTests(ArchiveTestCase):
         self.start(total=8 * 200)
         self.held_then_written()
 
-    def test_a_kill_in_the_middle_of_writing_the_held_lines_writes_none_twice(self):
+    def held_then_writing(self, count: int, write_cost: int = 10):
+        """`count` lines of each instance held; then a quiet second (one more line of
+        10.0.0.1): the steps of the write of them all to the files, not run yet."""
         self.patch(archive_module, "STEP_LINES", 10)
-        self.patch(archive_module, "WRITE_COST", 10)
-        archive = self.start()
-        self.send_all(1, 2)
+        self.patch(archive_module, "WRITE_COST", write_cost)
+        self.archive = self.start()
+        self.send_all(1, count)
         self.clock.advance(1.0)
-        # Few instances: the next flush writes the held lines, a file a step; the kill comes
-        # after its first step.
-        archive._loop.stop()
-        self.send("10.0.0.1", extended(3))
-        archive._take()
-        next(archive._steps())
+        self.archive._loop.stop()
+        self.send("10.0.0.1", extended(count + 1))
+        self.archive._take()
+        return self.archive._steps()
+
+    def test_a_kill_in_the_middle_of_writing_the_held_lines_writes_none_twice(self):
+        # The write goes a file a step; the kill comes after its first step.
+        next(self.held_then_writing(2))
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 0, 0])
         self.restart(clock=task.Clock())
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [3, 2, 2])
+
+    def seqs(self, address: str) -> list[int]:
+        return [int(line.split(",")[1]) for line in self.archived(address)]
+
+    def test_a_kill_while_a_long_held_run_is_written_in_steps_loses_and_repeats_nothing(self):
+        steps = self.held_then_writing(25, write_cost=0)
+        # 10.0.0.1's 26 lines go 10 at a time: the kill comes after two steps of them.
+        for _ in range(50):
+            next(steps)
+            if self.archived("10.0.0.1"):
+                break
+        next(steps)
+        self.assertEqual(self.seqs("10.0.0.1"), list(range(1, 21)))
+        self.restart(clock=task.Clock())
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [list(range(1, 27)), list(range(1, 26)), list(range(1, 26))])
+
+    def a_second_comes_while_held_lines_are_written(self):
+        """Lines held, then written in steps; after the first step, another second's come
+        (and go to the journal at once)."""
+        steps = self.held_then_writing(2)
+        next(steps)
+        self.send_all(4, 2)
+        self.archive._take()
+        return steps
+
+    def test_lines_taken_while_held_ones_are_written_are_journaled_and_kept_after(self):
+        steps = self.a_second_comes_while_held_lines_are_written()
+        for _ in steps:
+            pass
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [[1, 2, 3], [1, 2], [1, 2]])
+        self.assertEqual([(address, data.count(b"\n")) for address, data in self.journal()],
+                         [(address, 2) for address in ADDRESSES])
+        # A kill now: the next start writes them, and nothing twice.
+        self.restart(clock=task.Clock())
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [[1, 2, 3, 4, 5], [1, 2, 4, 5], [1, 2, 4, 5]])
+
+    def test_a_kill_while_held_lines_are_written_keeps_what_came_meanwhile(self):
+        steps = self.a_second_comes_while_held_lines_are_written()
+        # 10.0.0.2's held lines reach its file (and the journal says so); its new ones are
+        # only in the journal when the kill comes.
+        while len(self.archived("10.0.0.2")) < 2:
+            next(steps)
+        self.restart(clock=task.Clock())
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [[1, 2, 3, 4, 5], [1, 2, 4, 5], [1, 2, 4, 5]])
 
     def test_a_journal_the_start_cannot_write_stays_held_and_is_written_later(self):
         killed = self.start()
