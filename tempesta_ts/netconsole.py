@@ -329,7 +329,9 @@ class Decoder:
                 return self._plain_record(data, now)
             release = data[:comma]
             # bytes.find, not "in": "in" tries its operand as an integer first, and costs more.
-            if release.find(b";") >= 0 or release.isdigit():
+            # A newline in it would split the datagram the archive writes as it came
+            # (archive_queue.block_of counts newlines, it does not place them).
+            if release.find(b";") >= 0 or release.isdigit() or release.find(b"\n") >= 0:
                 return None
         start = m.end()
         end = data.find(b"\n", start)
