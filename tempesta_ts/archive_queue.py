@@ -167,6 +167,9 @@ def newest(items: list[bytes], lines: int) -> tuple[list[bytes], int, int]:
     over = len(tags) - lines
     if over <= 0:
         return items, 0, len(stamps)
+    if over == len(tags):
+        # None kept (the bound is reached): there is no first line to start from.
+        return [], over, 0
     start = tags[over]
     before = [at for at in stamps if at < start]
     kept = [items[before[-1]]] if before else []

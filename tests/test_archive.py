@@ -192,6 +192,21 @@ class WritingTests(ArchiveTestCase):
         self.assertGreaterEqual(written, 100)
         self.assertEqual(len(self.logged(LogLevel.warn)), 1)
 
+    def test_a_second_taken_when_the_bound_of_unwritten_lines_is_reached_is_dropped_counted(self):
+        archive = self.start()
+        self.patch(archive_module, "PENDING_MAX_LINES", 10)
+        # A write to the files takes long (a slow disk): the seconds taken meanwhile wait.
+        archive._loop.stop()
+        self.send("10.0.0.1", *[extended(n) for n in range(1, 11)])
+        archive._take()
+        self.send("10.0.0.1", *[extended(n) for n in range(11, 16)])
+        archive._take()
+        self.assertEqual((self.stats["archive_lines_dropped"], archive.pending_lines), (5, 10))
+        for _ in archive._steps():
+            pass
+        self.assertEqual([int(line.split(",")[1]) for line in self.archived()],
+                         list(range(1, 11)))
+
     def test_the_path_of_a_datagram_appends_its_tag_and_itself_to_one_queue(self):
         self.start()
         datagrams = [extended(n) for n in range(1, 65)]

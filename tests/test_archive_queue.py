@@ -71,6 +71,7 @@ class QueueTests(unittest.TestCase):
                          ([stamp(T), A, b"6,2,2,-;2\n", stamp(T + 1), A, b"6,3,3,-;3\n"], 1, 2))
         self.assertEqual(archive_queue.newest(items, 1), ([stamp(T + 1), A, b"6,3,3,-;3\n"], 2, 1))
         self.assertEqual(archive_queue.newest(items, 5), (items, 0, 2))
+        self.assertEqual(archive_queue.newest(items, 0), ([], 3, 0))
 
     def test_the_lines_of_one_instance_are_taken_a_few_at_a_time(self):
         items = [stamp(T)]
