@@ -404,6 +404,10 @@ class Archive(service.Service):
             pieces += [block_record(joined), joined]
         try:
             if pieces:
+                # The marks of the last step first: the new journal may take long to write
+                # (every second taken meanwhile), and a kill before it is renamed over would
+                # find that step's lines unmarked, to be written again.
+                self._journal_out()
                 self.journal.replace(pieces)
             else:
                 self.journal.clear()

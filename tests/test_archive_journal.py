@@ -24,6 +24,10 @@ from tests.test_archive import ArchiveTestCase, extended
 ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
+class Killed(BaseException):
+    """The process killed at that point: nothing after it runs."""
+
+
 class JournalFileTests(unittest.TestCase):
     """The file itself: records, marks, a damaged end, no link followed."""
 
@@ -202,10 +206,10 @@ class HeldLinesTests(ArchiveTestCase):
         self.assertEqual([self.seqs(address) for address in ADDRESSES],
                          [list(range(1, 27)), list(range(1, 26)), list(range(1, 26))])
 
-    def a_second_comes_while_held_lines_are_written(self):
+    def a_second_comes_while_held_lines_are_written(self, write_cost: int = 10):
         """Lines held, then written in steps; after the first step, another second's come
         (and go to the journal at once)."""
-        steps = self.held_then_writing(2)
+        steps = self.held_then_writing(2, write_cost)
         next(steps)
         self.send_all(4, 2)
         self.archive._take()
@@ -230,6 +234,26 @@ class HeldLinesTests(ArchiveTestCase):
         # only in the journal when the kill comes.
         while len(self.archived("10.0.0.2")) < 2:
             next(steps)
+        self.restart(clock=task.Clock())
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [[1, 2, 3, 4, 5], [1, 2, 4, 5], [1, 2, 4, 5]])
+
+    def test_a_kill_while_the_journal_is_written_anew_after_a_write_repeats_no_line(self):
+        # The last files written end no step: their marks were gathered, not yet written.
+        steps = self.a_second_comes_while_held_lines_are_written(write_cost=1)
+        journal = self.archive.journal
+
+        def killed_before_the_rename(fd, data):
+            # The kept lines are in the new journal; the kill comes before it replaces the old.
+            written = os.write(fd, data)
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".new"):
+                raise Killed()
+            return written
+
+        journal.write = killed_before_the_rename
+        with self.assertRaises(Killed):
+            for _ in steps:
+                pass
         self.restart(clock=task.Clock())
         self.assertEqual([self.seqs(address) for address in ADDRESSES],
                          [[1, 2, 3, 4, 5], [1, 2, 4, 5], [1, 2, 4, 5]])
