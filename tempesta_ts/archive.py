@@ -278,14 +278,19 @@ class Archive(service.Service):
         if hold or self._in_journal:
             # In the journal in order, what came before it too: a kill loses no held line,
             # and the marks of a long write count bytes of the same lines.
-            pieces = []
-            for earlier in self._blocks[self._journaled : -1]:
-                joined = b"".join(earlier)
-                pieces += [block_record(joined), joined]
-            self._journal_entries += [*pieces, block_record(block), block]
-            self._journaled = len(self._blocks)
             self._in_journal = True
-            self._journal_out()
+            self._journal_blocks(self._blocks, block)
+
+    def _journal_blocks(self, blocks: list[list[bytes]], last: bytes | None = None) -> bool:
+        """Write to the journal the blocks from the first not in it yet (the last one given
+        joined, if it is); False when it failed (they go again with the next ones)."""
+        for at in range(self._journaled, len(blocks)):
+            joined = last if last is not None and at == len(blocks) - 1 else b"".join(blocks[at])
+            self._journal_entries += [block_record(joined), joined]
+        if not self._journal_out():
+            return False
+        self._journaled = len(blocks)
+        return True
 
     def _retry_prepare(self) -> bool:
         try:
@@ -319,6 +324,11 @@ class Archive(service.Service):
         waits for the next flush.)"""
         blocks, self._blocks = self._blocks, []
         journaled = self._in_journal
+        # Marks by bytes count what is in memory: they hold for the journal only when it
+        # has every block of the write (a block it could not take would shift them).
+        whole = True
+        if journaled and self._journaled < len(blocks):
+            whole = self._journal_blocks(blocks)
         if journaled:
             self._journal_entries.append(CUT)
         self._journaled = self._held_bytes = self._waiting_lines = 0
@@ -347,8 +357,8 @@ class Archive(service.Service):
                 self._lines -= count
                 if not self._append(address, data, count):
                     self._dropped(count)
-                if journaled:
-                    last = start + 2 * STEP_LINES >= len(pieces)
+                last = start + 2 * STEP_LINES >= len(pieces)
+                if journaled and (last or whole):
                     self._journal_entries.append(mark(address, None if last else len(data)))
                 if self._spent(count + WRITE_COST):
                     yield
@@ -373,12 +383,12 @@ class Archive(service.Service):
         self._journal_out()
         return True
 
-    def _journal_out(self) -> None:
+    def _journal_out(self) -> bool:
         """Write to the journal what the flush gathered so far (at each step: a kill in the
-        middle of a flush finds the marks of what reached the files)."""
+        middle of a flush finds the marks of what reached the files); False when it failed."""
         entries, self._journal_entries = self._journal_entries, []
         if not entries:
-            return
+            return True
         try:
             self.journal.append(entries)
         except OSError as e:
@@ -389,6 +399,8 @@ class Archive(service.Service):
             self.stats["archive_write_errors"] += 1
             self._errors_in_flush += 1
             self._trouble(f"cannot write {self.journal.path} ({e.strerror})", "journal")
+            return False
+        return True
 
     def _end_journal(self) -> None:
         """The lines the journal held are in their files: it keeps just what came meanwhile,

@@ -321,3 +321,30 @@ class HeldLinesTests(ArchiveTestCase):
         self.clock.pump([1.0] * int(archive_module.HOLD_SECONDS + 1))
         self.assertEqual([len(self.archived(address)) for address in ADDRESSES], [2, 2, 2])
         self.assertEqual(self.stats["archive_lines_dropped"], 0)
+
+    def test_a_second_the_journal_could_not_take_is_journaled_with_the_next(self):
+        # A write of the journal fails once, the next works; then a long run of 10.0.0.1 goes
+        # to its file in steps, marked by bytes, and the kill comes after its first step.
+        self.patch(archive_module, "STEP_LINES", 10)
+        self.patch(archive_module, "WRITE_COST", 0)
+        failing = {"on": True}
+
+        def journal_full_once(fd, data):
+            if failing["on"] and os.readlink(f"/proc/self/fd/{fd}").endswith(NAME):
+                failing["on"] = False
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
+
+        archive = self.start(write=journal_full_once)
+        archive._loop.stop()
+        self.send_all(1, 12)
+        archive._take()
+        self.assertEqual(self.stats["archive_write_errors"], 1)
+        self.send_all(13, 13)
+        archive._take()
+        steps = archive._steps()
+        while not self.archived("10.0.0.1"):
+            next(steps)
+        self.restart(clock=task.Clock())
+        self.assertEqual([self.seqs(address) for address in ADDRESSES],
+                         [list(range(1, 26))] * 3)
