@@ -4,6 +4,7 @@ within a second all the same, and a kill loses none of them."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 
 from twisted.internet import task
@@ -14,7 +15,7 @@ from tempesta_ts import archive as archive_module
 from tempesta_ts.archive import Archive
 from tempesta_ts.archive_restore import RESTART_MARKER
 from tempesta_ts import archive_queue
-from tempesta_ts.archive_format import Stamps
+from tempesta_ts.archive_format import Stamps, file_name
 from tempesta_ts.archive_journal import NAME, Journal, block_record, mark, record
 from tempesta_ts.buffers import BufferRegistry
 from tempesta_ts.files import NotRegularFile
@@ -348,3 +349,108 @@ class HeldLinesTests(ArchiveTestCase):
         self.restart(clock=task.Clock())
         self.assertEqual([self.seqs(address) for address in ADDRESSES],
                          [list(range(1, 26))] * 3)
+
+
+class KillAnywhereTests(ArchiveTestCase):
+    """A kill at any point of held lines going to their files: each file holds its lines in
+    order; none lost that was taken, none twice (but those of a file written just before the
+    kill, whose mark was to follow)."""
+
+    ADDRESSES = ["10.0.0.1", "fe80::1%eth0", "2001:db8::5"]
+
+    def setUp(self):
+        super().setUp()
+        self.patch(archive_module, "DIRECT_INSTANCES", 2)
+        self.patch(archive_module, "STEP_LINES", 4)
+        self.patch(archive_module, "WRITE_COST", 1)
+
+    def seqs(self, address: str) -> list[int]:
+        path = os.path.join(self.directory, file_name(address) + ".log")
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            return [int(line.split(b" ", 1)[1].split(b",")[1]) for line in f]
+
+    def run_killed(self, yields: int = -1, writes: int = -1, after: bool = False
+                   ) -> tuple[dict, bool]:
+        """Seconds held, written in steps, more coming meanwhile (some lines made by the
+        server: non-ASCII text), killed after `yields` steps or at the `writes`th write
+        (before it, or `after`); then a start. The lines each instance had when last
+        taken, and whether a write to a file came just before the kill."""
+        self.directory = os.path.abspath(self.mktemp())
+        trace = []
+
+        def write(fd, data):
+            trace.append(os.readlink(f"/proc/self/fd/{fd}").endswith(".log"))
+            if len(trace) == writes and not after:
+                trace.pop()
+                raise Killed()
+            written = os.write(fd, data)
+            if len(trace) == writes:
+                raise Killed()
+            return written
+
+        archive = self.start(write=write)
+        archive._loop.stop()
+        sent = dict.fromkeys(self.ADDRESSES, 0)
+        taken = {}
+
+        def second(count, addresses=self.ADDRESSES):
+            for address in addresses:
+                for _ in range(count):
+                    seq = sent[address] = sent[address] + 1
+                    text = "caf\u00e9" if seq % 3 == 0 else "plain"
+                    self.send(address, f"6,{seq},{seq * 1000},-;{text}\n".encode())
+            self.clock.advance(0.3)
+            archive._take()
+            taken.update(sent)
+
+        steps = 0
+
+        def write_all(meanwhile):
+            nonlocal steps
+            for at, _ in enumerate(archive._steps()):
+                steps += 1
+                if steps == yields:
+                    raise Killed()
+                if at in meanwhile:
+                    second(*meanwhile[at])
+
+        try:
+            second(6)
+            second(3, self.ADDRESSES[:1])
+            write_all({1: (2,), 3: (3, self.ADDRESSES[1:])})
+            second(2)
+            write_all({0: (1,)})
+        except Killed:
+            pass
+        self.stats = dict.fromkeys(KNOWN_STATS, 0)
+        registry = BufferRegistry(10, 100, 10**6, self.stats, keep_unwritten=True)
+        again = Archive(self.directory, registry, task.Clock(), self.stats, 64 * 1024, 3,
+                        10**9)
+        again.startService()
+        again.stopService()
+        # The killed one leaves its descriptors, and no stop of its own.
+        archive.running = False
+        archive.files.close()
+        archive.journal.close()
+        return taken, bool(trace) and trace[-1]
+
+    def test_a_kill_between_any_two_steps_loses_and_repeats_no_line(self):
+        for yields in range(1, 24):
+            taken, _ = self.run_killed(yields=yields)
+            for address in self.ADDRESSES:
+                seqs = self.seqs(address)
+                self.assertEqual(seqs, list(range(1, len(seqs) + 1)), (yields, address))
+                self.assertGreaterEqual(len(seqs), taken.get(address, 0), (yields, address))
+
+    def test_a_kill_at_any_write_loses_no_line_taken(self):
+        for writes, after in itertools.product(range(1, 40), (False, True)):
+            taken, after_a_file = self.run_killed(writes=writes, after=after)
+            for address in self.ADDRESSES:
+                seqs = self.seqs(address)
+                where = (writes, after, address, seqs)
+                self.assertEqual(sorted(set(seqs)), list(range(1, len(set(seqs)) + 1)), where)
+                self.assertGreaterEqual(len(set(seqs)), taken.get(address, 0), where)
+                if not after_a_file:
+                    self.assertEqual(len(seqs), len(set(seqs)), where)
