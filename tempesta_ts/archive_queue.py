@@ -18,6 +18,7 @@ lines for its file. Pure code: no Twisted, no disk.
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 from tempesta_ts.archive_format import file_name, format_datagram, format_line, parse_received
 from tempesta_ts.netconsole import LogLine
@@ -49,21 +50,20 @@ def stamp(prefix: bytes) -> bytes:
     return STAMP + prefix
 
 
-def made(instance_tag: bytes, lines: list[LogLine]) -> list[bytes]:
+def made(instance_tag: bytes, lines: Iterable[LogLine]) -> list[bytes]:
     """The items of lines the server put together (fragments, several in a datagram)."""
-    made_tag = MADE + instance_tag[1:]
-    items = []
-    for line in lines:
-        items.append(made_tag)
-        items.append(format_line(line))
-    return items
+    return _made_items(instance_tag, map(format_line, lines))
 
 
 def lines_of(address: str, data: bytes) -> list[bytes]:
     """The items of archive lines of an instance (read back from the journal)."""
-    made_tag = MADE + tag(address)[1:]
+    return _made_items(tag(address), data.splitlines(keepends=True))
+
+
+def _made_items(instance_tag: bytes, archive_lines: Iterable[bytes]) -> list[bytes]:
+    made_tag = MADE + instance_tag[1:]
     items = []
-    for line in data.splitlines(keepends=True):
+    for line in archive_lines:
         items.append(made_tag)
         items.append(line)
     return items

@@ -414,7 +414,7 @@ class BufferRegistry:
         self.stats["lines_pushed_out"] += instance.buffer.extend(lines)
         queue = self.archive_queue
         if queue is not None:
-            queue.extend(archive_queue.made(instance.tag, list(lines)))
+            queue.extend(archive_queue.made(instance.tag, lines))
         for observer in self.every_line:
             observer(instance, lines)
         for observer in self.observers:
