@@ -53,6 +53,15 @@ PENDING_MAX_LINES = 500_000
 NOTICE_SECONDS = 60.0
 
 
+def _records(blocks: list[list[bytes]], last: bytes | None = None) -> list[bytes]:
+    """The journal's records of blocks taken (the last one given joined, if it is)."""
+    records = []
+    for at, items in enumerate(blocks):
+        joined = last if last is not None and at == len(blocks) - 1 else b"".join(items)
+        records += [block_record(joined), joined]
+    return records
+
+
 class _Slice:
     """A Cooperator's termination predicate: true once SLICE_SECONDS of a turn are spent."""
 
@@ -284,9 +293,7 @@ class Archive(service.Service):
     def _journal_blocks(self, blocks: list[list[bytes]], last: bytes | None = None) -> bool:
         """Write to the journal the blocks from the first not in it yet (the last one given
         joined, if it is); False when it failed (they go again with the next ones)."""
-        for at in range(self._journaled, len(blocks)):
-            joined = last if last is not None and at == len(blocks) - 1 else b"".join(blocks[at])
-            self._journal_entries += [block_record(joined), joined]
+        self._journal_entries += _records(blocks[self._journaled :], last)
         if not self._journal_out():
             return False
         self._journaled = len(blocks)
@@ -300,7 +307,8 @@ class Archive(service.Service):
             self._trouble(f"cannot use {self.directory} ({reason})", "prepare")
             # What was taken cannot wait for ever: it is dropped, counted.
             self._dropped(self._lines)
-            self._forget_blocks()
+            self._hand_over()
+            self._lines = 0
             return False
         if not self._replayed:
             self.replay()
@@ -322,18 +330,15 @@ class Archive(service.Service):
         """Write every line taken when the flush began to its file, a step of about
         STEP_LINES at a time; then keep the archive within its bounds. (What comes meanwhile
         waits for the next flush.)"""
-        blocks, self._blocks = self._blocks, []
         journaled = self._in_journal
         # Marks by bytes count what is in memory: they hold for the journal only when it
         # has every block of the write (a block it could not take would shift them).
         whole = True
-        if journaled and self._journaled < len(blocks):
-            whole = self._journal_blocks(blocks)
+        if journaled and self._journaled < len(self._blocks):
+            whole = self._journal_blocks(self._blocks)
         if journaled:
             self._journal_entries.append(CUT)
-        self._journaled = self._held_bytes = self._waiting_lines = 0
-        self._held_since = None
-        self._write_now = False
+        blocks = self._hand_over()
         self._budget = STEP_LINES
         groups: dict[bytes, list[bytes]] = {}
         for items in blocks:
@@ -367,11 +372,14 @@ class Archive(service.Service):
         self._check_files()
         self._compress()
 
-    def _forget_blocks(self) -> None:
-        self._blocks = []
-        self._lines = self._held_bytes = self._waiting_lines = self._journaled = 0
+    def _hand_over(self) -> list[list[bytes]]:
+        """The blocks taken, for a write to the files (or to be dropped); what is taken next
+        starts anew."""
+        blocks, self._blocks = self._blocks, []
+        self._journaled = self._held_bytes = self._waiting_lines = 0
         self._held_since = None
         self._write_now = False
+        return blocks
 
     def _spent(self, cost: int) -> bool:
         """Count work of the step under way; True when the step is over: the journal then
@@ -410,10 +418,7 @@ class Archive(service.Service):
             self._journal_out()
             return
         kept = self._blocks if self._in_journal else []
-        pieces = []
-        for items in kept:
-            joined = b"".join(items)
-            pieces += [block_record(joined), joined]
+        pieces = _records(kept)
         try:
             if pieces:
                 # The marks of the last step first: the new journal may take long to write
