@@ -107,8 +107,7 @@ class Journal:
             header = data[position + 1 : end].decode("utf-8", "replace")
             kind = data[position : position + 1]
             if kind == b"|":
-                for address, chunks in fresh.items():
-                    held.setdefault(address, []).extend(chunks)
+                _after(held, fresh)
                 fresh = {}
                 cut = True
                 position = end + 1
@@ -149,8 +148,7 @@ class Journal:
             # Whole lines only: a record is never cut, but a damaged one could be.
             fresh.setdefault(address, []).append(body[: body.rfind(b"\n") + 1])
             position = end + 1 + int(length)
-        for address, chunks in fresh.items():
-            held.setdefault(address, []).extend(chunks)
+        _after(held, fresh)
         # In the order each address was first held (a mark and later records start anew).
         return [(address, b"".join(chunks)) for address, chunks in held.items() if chunks]
 
@@ -182,3 +180,9 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _after(held: dict[str, list[bytes]], fresh: dict[str, list[bytes]]) -> None:
+    """Each address's fresh lines after those it has held."""
+    for address, chunks in fresh.items():
+        held.setdefault(address, []).extend(chunks)
